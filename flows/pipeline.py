@@ -71,7 +71,7 @@ def pipeline(config: PipelineConfig, workspace: str = "./workspace", only: list[
     try:
         outcomes = _run_stages(config, ws, selected, set(force or []), info)
     except BaseException as err:
-        finish_pipeline_run(info, "killed" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed")
+        finish_pipeline_run(info, "failed" if isinstance(err, Exception) else "killed")
         raise
     finish_pipeline_run(info, "finished")
     return outcomes

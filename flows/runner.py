@@ -105,7 +105,7 @@ def _finish_stage_records(stage: PlannedStage, info: RunInfo, mlflow_run_id: str
 
 def _fail_stage_records(stage: PlannedStage, info: RunInfo, mlflow_run_id: str, err: BaseException,
                         wall_s: float) -> None:
-    status = "killed" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
+    status = "failed" if isinstance(err, Exception) else "killed"
     message = "".join(traceback.format_exception_only(type(err), err)).strip()[-2000:]
     update_stage(info.catalog, info.run_id, stage.name, status=status, finished_at=utcnow(), wall_s=wall_s,
                  error=message)

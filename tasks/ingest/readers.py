@@ -55,7 +55,7 @@ def open_maybe_compressed(path: Path) -> io.BufferedIOBase:
     if path.name.endswith(".zst"):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
     return open(path, "rb")
 
 

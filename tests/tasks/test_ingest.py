@@ -1,0 +1,198 @@
+"""ingest on the real files in ../shared/data/raw, and on each kind of bad input."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from storage.documents import iter_documents
+from storage.stage import StageContext, StageError
+from tasks.ingest import IngestConfig, run
+
+
+def ingest(tmp_path: Path, *sources: dict, seed: int = 0):
+    config = IngestConfig.model_validate({"sources": list(sources)})
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    ctx = StageContext("ingest", "fp", out, tmp_path / "scratch", {}, tmp_path, seed)
+    result = run(config, ctx)
+    return result, list(iter_documents(out))
+
+
+def assert_funnel_adds_up(stats: dict[str, float]) -> None:
+    dropped = sum(v for k, v in stats.items() if k.startswith("dropped/"))
+    assert stats["docs_in"] == stats["docs_out"] + dropped
+
+
+def test_real_warcs_keep_html_responses_only(tmp_path, shared_data):
+    result, docs = ingest(tmp_path, {"name": "cc", "kind": "warc", "paths": [str(shared_data / "raw/*.warc.gz")]})
+    assert len(docs) == 38  # 16 Common Crawl + 22 wget responses, all HTTP 200 text/html
+    assert all(d.metadata["content_type"] == "text/html" and "<" in d.text for d in docs)
+    assert all(d.url and d.url.startswith("http") for d in docs)
+    assert len({d.id for d in docs}) == 38
+    chinese = [d for d in docs if d.metadata.get("http_charset", "") and "gb" in d.metadata["http_charset"].lower()]
+    assert chinese and any("\u4e00" <= ch <= "\u9fff" for ch in chinese[0].text)  # decoded with its charset
+    assert_funnel_adds_up(result.stats)
+
+
+def test_dolma_jsonl_and_text_blocks(tmp_path, shared_data):
+    result, docs = ingest(
+        tmp_path,
+        {"name": "dolma", "kind": "jsonl", "paths": [str(shared_data / "raw/dolma_ccnet_cc_en_head-0091.jsonl")]},
+        {"name": "shakespeare", "kind": "text", "split": "blank_line",
+         "paths": [str(shared_data / "raw/tinyshakespeare_input.txt")]},
+    )
+    dolma = [d for d in docs if d.source == "dolma"]
+    assert len(dolma) == 10 and dolma[0].id.startswith("dolma/http")
+    assert dolma[0].metadata["metadata"]["language"] == "en"   # Dolma's own fields survive in metadata
+    plays = [d for d in docs if d.source == "shakespeare"]
+    assert plays[0].text.startswith("First Citizen:\nBefore we proceed")
+    assert result.stats["by_source/shakespeare/docs_out"] == len(plays) > 7000
+
+
+def test_fineweb_style_parquet_and_compressed_jsonl(tmp_path):
+    fineweb = tmp_path / "fineweb.parquet"
+    pq.write_table(pa.table({"text": ["one doc", "two doc"], "id": ["<urn:a>", "<urn:b>"],
+                             "url": ["http://a", "http://b"], "language_score": [0.9, 0.8]}), fineweb)
+    lines = b"".join(json.dumps({"id": i, "text": f"doc {i}"}).encode() + b"\n" for i in range(3))
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    _, docs = ingest(tmp_path, {"name": "fw", "kind": "parquet", "paths": [str(fineweb)], "url_column": "url"},
+                     {"name": "js", "kind": "jsonl", "paths": [str(tmp_path / "*.jsonl.*")]})
+    fw = [d for d in docs if d.source == "fw"]
+    assert [(d.id, d.url, d.metadata["language_score"]) for d in fw] == [("fw/<urn:a>", "http://a", 0.9),
+                                                                        ("fw/<urn:b>", "http://b", 0.8)]
+    assert [d.text for d in docs if d.source == "js"] == ["doc 0", "doc 1", "doc 2"] * 2
+
+
+def test_wiki_offline_languages_and_limits(tmp_path):
+    result, docs = ingest(tmp_path, {"name": "wiki", "kind": "wiki_offline", "languages": ["es", "fr"],
+                                     "max_docs": 50})
+    assert len(docs) == 50 and {d.metadata["language"] for d in docs} == {"es"}
+    assert all(d.metadata["topic"] for d in docs)
+    assert result.stats["docs_out"] == 50
+
+
+def test_sample_rate_is_seeded_and_deterministic(tmp_path, shared_data):
+    source = {"name": "s", "kind": "text", "split": "blank_line", "sample_rate": 0.25,
+              "paths": [str(shared_data / "raw/tinyshakespeare_input.txt")]}
+    result, first = ingest(tmp_path, source, seed=1)
+    _, again = ingest(tmp_path, source, seed=1)
+    _, other = ingest(tmp_path, source, seed=2)
+    assert [d.id for d in first] == [d.id for d in again]
+    assert [d.id for d in first] != [d.id for d in other]
+    assert 0.2 < len(first) / result.stats["docs_in"] < 0.3
+    assert_funnel_adds_up(result.stats)
+
+
+def corrupt_middle_record(src: Path, dst: Path) -> int:
+    """Copies a per-record-gzipped WARC, overwriting the deflate data of its 5th response record."""
+    import zlib
+
+    data = bytearray(src.read_bytes())
+    offset, responses = 0, 0
+    while True:
+        inflater = zlib.decompressobj(31)
+        record = inflater.decompress(bytes(data[offset:]))
+        if b"WARC-Type: response" in record:
+            responses += 1
+            if responses == 5:
+                break
+        offset = len(data) - len(inflater.unused_data)
+    data[offset + 30: offset + 60] = b"\xff" * 30
+    dst.write_bytes(bytes(data))
+    return offset
+
+
+def test_corrupt_warc_record_in_the_middle_keeps_the_others(tmp_path, shared_data):
+    good = shared_data / "raw/dolma_wget_sample-0000.warc.gz"
+    bad = tmp_path / "corrupt.warc.gz"
+    corrupt_middle_record(good, bad)
+    _, clean_docs = ingest(tmp_path, {"name": "w", "kind": "warc", "paths": [str(good)]})
+    result, docs = ingest(tmp_path, {"name": "w", "kind": "warc", "paths": [str(bad)]})
+    assert len(docs) == len(clean_docs) - 1   # only the damaged record is lost
+    assert result.stats["bad/w/corrupt.warc.gz/corrupt_gzip"] == 1
+    assert any(b["reason"] == "corrupt_gzip" and b["path"].endswith("corrupt.warc.gz") for b in result.bad_inputs)
+    assert_funnel_adds_up(result.stats)
+
+
+def test_truncated_gzip_keeps_what_was_read(tmp_path, shared_data):
+    data = (shared_data / "raw/cc-main-2020-34_resiliparse_warcfile.warc.gz").read_bytes()
+    (tmp_path / "cut.warc.gz").write_bytes(data[: len(data) * 2 // 3])
+    lines = b"".join(json.dumps({"id": i, "text": os.urandom(1000).hex()}).encode() + b"\n" for i in range(200))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(lines)[:-3000])
+    result, docs = ingest(tmp_path, {"name": "w", "kind": "warc", "paths": [str(tmp_path / "cut.warc.gz")]},
+                          {"name": "j", "kind": "jsonl", "paths": [str(tmp_path / "cut.jsonl.gz")]})
+    assert 0 < len([d for d in docs if d.source == "w"]) < 16
+    assert 0 < len([d for d in docs if d.source == "j"]) < 200
+    assert result.stats["bad/w/cut.warc.gz/truncated_gzip"] == 1
+    assert result.stats["bad/j/cut.jsonl.gz/truncated_compressed"] == 1
+
+
+def test_bad_jsonl_lines_are_counted_and_good_lines_kept(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "good one"}\n{not json\n{"id": 3, "body": "no text key"}\n'
+                     b'{"id": 4, "text": "caf\xe9 latin-1 byte"}\n{"id": 5, "text": "good two"}\n')
+    result, docs = ingest(tmp_path, {"name": "j", "kind": "jsonl", "paths": [str(path)]})
+    assert [d.text for d in docs] == ["good one", "caf\ufffd latin-1 byte", "good two"]
+    assert result.stats["dropped/ingest/invalid_json"] == 1
+    assert result.stats["dropped/ingest/missing_text_key"] == 1
+    assert result.stats["bad/j/mixed.jsonl/invalid_utf8"] == 1
+    where = {b["reason"]: b["where"] for b in result.bad_inputs}
+    assert where == {"invalid_json": "line 2", "missing_text_key": "line 3", "invalid_utf8": "line 4"}
+    assert_funnel_adds_up(result.stats)
+
+
+def test_missing_empty_and_binary_files_are_listed_not_fatal(tmp_path, shared_data):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    result, docs = ingest(tmp_path, {"name": "t", "kind": "text", "paths": [
+        str(tmp_path / "empty.txt"), str(tmp_path / "binary.txt"), str(tmp_path / "nope-*.txt"),
+        str(shared_data / "raw/wikitext-2_test.txt")]})
+    assert len(docs) == 1 and docs[0].id == "t/wikitext-2_test.txt"
+    reasons = sorted(b["reason"] for b in result.bad_inputs)
+    assert reasons == ["binary_file", "empty_file", "missing_file"]
+    assert result.stats["bad/t/empty.txt/empty_file"] == 1
+    assert result.stats["bad/t/binary.txt/binary_file"] == 1
+
+
+def test_a_50mb_document_is_dropped_and_counted_without_crashing(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("all work and no play makes jack a dull boy\n" * 1_200_000)   # ~52 MB, one document
+    (tmp_path / "small.txt").write_text("a small document")
+    result, docs = ingest(tmp_path, {"name": "t", "kind": "text", "paths": [str(big), str(tmp_path / "small.txt")]})
+    assert [d.text for d in docs] == ["a small document"]
+    assert result.stats["dropped/ingest/too_long"] == 1
+    _, docs = ingest(tmp_path, {"name": "t", "kind": "text", "paths": [str(big)], "max_doc_chars": 60_000_000})
+    assert len(docs[0].text) == 51_600_000
+
+
+def test_a_source_that_yields_nothing_fails_naming_it(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(StageError, match=r"source 'nothing' yielded no documents.*empty_file"):
+        ingest(tmp_path, {"name": "nothing", "kind": "jsonl", "paths": [str(tmp_path / "empty.jsonl")]})
+
+
+def test_hf_source_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(StageError, match=r"source 'hub'.*(datasets|offline)"):
+        ingest(tmp_path, {"name": "hub", "kind": "hf", "dataset": "HuggingFaceFW/fineweb"})
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_docs"):
+        IngestConfig.model_validate({"sources": [{"name": "a", "kind": "text", "paths": ["x"], "max_docs": 0}]})
+    with pytest.raises(ValidationError, match="colour"):
+        IngestConfig.model_validate({"sources": [{"name": "a", "kind": "text", "paths": ["x"], "colour": 1}]})
+    with pytest.raises(ValidationError, match="unique"):
+        IngestConfig.model_validate({"sources": [{"name": "a", "kind": "wiki_offline"}] * 2})

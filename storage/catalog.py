@@ -26,10 +26,28 @@ create table if not exists stage_stats (
 );
 """
 OPEN_RETRIES = 50
+# Views over the workspace's Parquet outputs, so one query can join counters and data.
+OUTPUT_VIEWS = {
+    "documents": ["stages/ingest/*/**/*.parquet", "stages/curate/*/**/*.parquet", "stages/dedup/*/**/*.parquet"],
+    "token_shards": ["stages/shard/*/shards/*.parquet"],
+}
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def create_output_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """`documents` and `token_shards` views, with `stage` and `fingerprint` columns parsed from each path."""
+    for view, patterns in OUTPUT_VIEWS.items():
+        globs = [str(root / p) for p in patterns if any(root.glob(p))]
+        if not globs:
+            continue
+        con.execute(f"""create or replace temp view {view} as
+            select *, split_part(split_part(filename, '/stages/', 2), '/', 1) as stage,
+                      split_part(split_part(filename, '/stages/', 2), '/', 2) as fingerprint
+            from read_parquet({globs!r}, filename = true, union_by_name = true)
+            where filename not like '%.tmp-%' and filename not like '%/excluded/%'""")
 
 
 class Catalog:
@@ -91,8 +109,9 @@ class Catalog:
                                 [[fingerprint, stage, name, float(value)] for name, value in sorted(stats.items())])
 
     def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Runs read-only SQL; returns column names and rows."""
+        """Runs read-only SQL, with the workspace's Parquet outputs as views; returns column names and rows."""
         with self.connect(read_only=True) as con:
+            create_output_views(con, self.path.parent)
             cursor = con.execute(sql)
             names = [d[0] for d in cursor.description] if cursor.description else []
             return names, cursor.fetchall()

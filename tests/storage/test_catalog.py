@@ -36,3 +36,15 @@ def test_concurrent_writers_wait_for_the_lock(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     _, rows = Catalog(path).query("select count(*) from stage_stats")
     assert rows == [(4,)]
+
+
+def test_documents_view_reads_committed_outputs_only(tmp_path):
+    from storage.documents import Document, DocumentWriter
+
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    with DocumentWriter(tmp_path / "stages/ingest/abc/src") as writer:
+        writer.write_all(Document(f"d{i}", "text", "src") for i in range(3))
+    with DocumentWriter(tmp_path / "stages/ingest/abc.tmp-1234/src") as writer:
+        writer.write(Document("half", "written", "src"))
+    _, rows = catalog.query("select stage, fingerprint, count(*) from documents group by all")
+    assert rows == [("ingest", "abc", 3)]

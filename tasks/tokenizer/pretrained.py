@@ -5,13 +5,14 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
 from storage.stage import StageError
 
 from .config import PRETRAINED_NAMES, TokenizerConfig
-from .files import RANKS_FILE, Vocabulary, read_rank_file, read_vocabulary, with_specials
+from .files import CONFIG_FILE, RANKS_FILE, Vocabulary, read_rank_file, read_vocabulary, with_specials
 
 _BLOB = "https://openaipublic.blob.core.windows.net"
 # The files tiktoken downloads for each name (tiktoken_ext/openai_public.py).
@@ -75,3 +76,13 @@ def pretrained_vocabulary(config: TokenizerConfig) -> Vocabulary:
         return with_specials(read_rank_file(path), config.pattern, config.special_tokens, f"pretrained:{path}")
     raise StageError(f"tokenizer.pretrained={spec!r} is neither a tiktoken name ({', '.join(PRETRAINED_NAMES)}) "
                      f"nor an existing tokenizer directory or {RANKS_FILE} file")
+
+
+def external_inputs(config: TokenizerConfig) -> dict[str, Any]:
+    """What the fingerprint must see besides the config: the content of a `pretrained` path."""
+    if not config.pretrained or config.pretrained in PRETRAINED_NAMES:
+        return {}
+    path = Path(config.pretrained).expanduser()
+    files = [path / RANKS_FILE, path / CONFIG_FILE] if path.is_dir() else [path]
+    return {"pretrained_files": [[p.name, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None]
+                                 for p in files]}

@@ -74,8 +74,7 @@ def shard_schema(dtype: str) -> pa.Schema:
         pa.field("doc_id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
-        pa.field("tokens", pa.list_(pa.field("item", pa.from_numpy_dtype(np.dtype(dtype)), nullable=False)),
-                 nullable=False),
+        pa.field("tokens", pa.list_(pa.from_numpy_dtype(np.dtype(dtype))), nullable=False),
     ])
 
 

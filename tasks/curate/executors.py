@@ -33,7 +33,7 @@ class SlurmOptions(StrictModel):
     partition: str | None = None
     time: str = "24:00:00"
     cpus_per_task: int = Field(1, ge=1)
-    mem_per_cpu_gb: float = Field(2, gt=0)
+    mem_per_cpu_gb: int = Field(2, ge=1, description="whole GB: sbatch rejects --mem-per-cpu=2.5G")
     qos: str = "normal"
     job_name: str = "lmforge"
     venv_path: str | None = None          # `source`d in the job script; default: the job inherits nothing

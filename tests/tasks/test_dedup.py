@@ -1,0 +1,188 @@
+"""dedup on real documents: MinHash near-duplicates, exact duplicates, decontamination against real eval sets."""
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper module beside this file
+import curatedata  # noqa: E402
+
+import tasks.dedup as dedup  # noqa: E402
+from storage.documents import Document, iter_documents  # noqa: E402
+from storage.stage import StageContext, StageError  # noqa: E402
+from tasks.dedup.evalsets import eval_set_name, eval_texts  # noqa: E402
+
+GLUE = curatedata.SHARED_DATA / "glue"
+SQUAD = curatedata.SHARED_DATA / "squad"
+SST2 = GLUE / "sst2" / "dev.tsv"
+EVAL_SETS = [curatedata.SQUAD_SUBSET, SST2]
+
+
+def make_ctx(root: Path, input_dir: Path, name: str) -> StageContext:
+    (root / name / "out").mkdir(parents=True)
+    return StageContext("dedup", name, root / name / "out", root / name / "scratch", {"documents": input_dir}, root)
+
+
+def near_copy(doc: Document, share: float = 0.03) -> Document:
+    """`doc` with `share` of its words replaced, in three runs (edits cluster in real near-duplicates)."""
+    words = doc.text.split()
+    per_run = max(1, round(len(words) * share / 3))
+    for start in (len(words) // 5, len(words) // 2, 4 * len(words) // 5):
+        for i in range(start, start + per_run):
+            words[i] = f"changed{i}"
+    return replace(doc, id="near-copy", source="mirror", text=" ".join(words))
+
+
+def sst2_sentence() -> str:
+    """A long SST-2 dev sentence (an evaluation example a web page might quote)."""
+    with open(SST2, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return max((row["text"] for row in rows), key=lambda t: len(t.split()))
+
+
+@pytest.fixture(scope="module")
+def corpus() -> dict[str, Document]:
+    """30 long real wiki summaries, a near copy, a reformatted exact copy, and two contaminated pages."""
+    long_docs = [d for d in curatedata.wiki_documents("en", 400) if len(d.text.split()) >= 120][:30]
+    original, exact_source = long_docs[0], long_docs[1]
+    exact = replace(exact_source, id="exact-copy", source="mirror",
+                    text=exact_source.text.upper().replace(",", " ,").replace(". ", ".\n"))
+    squad = Document("web/squad-quote", "A page that quotes a reading passage. " + curatedata.squad_contexts()[0]
+                     + " That was the passage.", "web", "https://example.org/squad", {})
+    glue = Document("web/sst2-quote", "Our film review blog, in short: " + sst2_sentence(), "web", None, {})
+    return {d.id: d for d in [*long_docs, near_copy(original), exact, squad, glue]}
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, corpus) -> Path:
+    return curatedata.write_documents(tmp_path_factory.mktemp("corpus") / "documents", corpus.values(),
+                                      row_group_rows=8)
+
+
+FULL = {"exact": {"enabled": True}, "decontaminate": {"enabled": True, "eval_sets": EVAL_SETS},
+        "executor": {"tasks": 2}}
+
+
+@pytest.fixture(scope="module")
+def deduped(tmp_path_factory, corpus_dir):
+    ctx = make_ctx(tmp_path_factory.mktemp("deduped"), corpus_dir, "full")
+    return ctx, dedup.run(dedup.DedupConfig(**FULL), ctx)
+
+
+def kept_ids(ctx: StageContext) -> set[str]:
+    return {d.id for d in iter_documents(ctx.output)}
+
+
+def test_near_copy_collapses_and_different_real_documents_survive(deduped, corpus):
+    ctx, result = deduped
+    ids = list(corpus)
+    original, exact_source = ids[0], ids[1]
+    kept = kept_ids(ctx)
+    assert len(kept & {original, "near-copy"}) == 1
+    assert set(ids[2:30]) <= kept  # 28 different real documents all survive
+    assert len(kept & {exact_source, "exact-copy"}) == 1
+    assert result.stats["dropped/minhash/duplicate"] == 1 and result.stats["minhash/clusters"] == 1
+    assert result.stats["dropped/exact/duplicate"] == 1
+
+
+def test_near_copy_really_is_three_percent_different(corpus):
+    original, near = corpus[next(iter(corpus))].text.split(), corpus["near-copy"].text.split()
+    changed = sum(a != b for a, b in zip(original, near))
+    assert len(original) == len(near) and 0.02 <= changed / len(original) <= 0.04
+
+
+def test_decontamination_drops_pages_quoting_squad_and_glue(deduped):
+    ctx, result = deduped
+    assert not kept_ids(ctx) & {"web/squad-quote", "web/sst2-quote"}
+    assert result.stats["dropped/decontaminate/squad-dev-v2.0-subset"] == 1
+    assert result.stats["dropped/decontaminate/sst2-dev"] == 1
+    assert result.stats["decontaminate/squad-dev-v2.0-subset/ngrams"] > 1000
+
+
+def test_dedup_funnel_adds_up(deduped, corpus):
+    ctx, result = deduped
+    stats = result.stats
+    dropped = sum(v for k, v in stats.items() if k.startswith("dropped/"))
+    assert stats["docs_in"] == len(corpus) == stats["docs_out"] + dropped
+    assert stats["docs_out"] == len(kept_ids(ctx)) == len(corpus) - 4
+    assert result.artifacts["funnel_steps"] == ["01_exact", "02_minhash", "03_decontaminate"]
+    for source in ("wiki_en", "mirror", "web"):
+        assert stats[f"funnel/01_exact/{source}/in"] == stats[f"by_source/{source}/docs_in"]
+        assert stats.get(f"funnel/01_exact/{source}/out", 0) == stats.get(f"funnel/02_minhash/{source}/in", 0)
+        assert stats.get(f"funnel/03_decontaminate/{source}/out", 0) == stats.get(f"by_source/{source}/docs_out", 0)
+
+
+def test_same_recipe_gives_the_same_bytes(deduped, corpus_dir, tmp_path):
+    reference, _ = deduped
+    ctx = make_ctx(tmp_path, corpus_dir, "again")
+    dedup.run(dedup.DedupConfig(**FULL), ctx)
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.rglob("*.parquet"))}  # noqa: E731
+    assert files(ctx.output) == files(reference.output) != {}
+
+
+def test_flag_mode_keeps_contaminated_documents_and_marks_them(corpus_dir, tmp_path):
+    config = dedup.DedupConfig(minhash={"enabled": False},
+                               decontaminate={"enabled": True, "eval_sets": EVAL_SETS, "mode": "flag"})
+    ctx = make_ctx(tmp_path, corpus_dir, "flag")
+    result = dedup.run(config, ctx)
+    flagged = {d.id: d.metadata for d in iter_documents(ctx.output) if "contaminated_task" in d.metadata}
+    assert set(flagged) == {"web/squad-quote", "web/sst2-quote"}
+    assert flagged["web/squad-quote"]["contaminated_task"] == "squad-dev-v2.0-subset"
+    assert result.stats["flagged/decontaminate/sst2-dev"] == 1
+    assert result.stats["docs_out"] == result.stats["docs_in"]
+    assert not any(k.startswith("dropped/") for k in result.stats)
+
+
+# --- evaluation sets --------------------------------------------------------------------------------
+
+def test_every_real_glue_and_squad_file_yields_its_texts():
+    for path in sorted(GLUE.glob("*/*.tsv")):
+        texts = eval_texts(path)
+        assert texts and all(isinstance(t, str) and t.strip() for t in texts), path
+    mrpc = eval_texts(GLUE / "mrpc" / "hf_fixture_dev.tsv")  # header with a BOM, '#1 String' columns
+    assert len(mrpc) == 12
+    assert len(eval_texts(SST2)) == 872
+    nested, flat = eval_texts(SQUAD / "dev-v2.0-subset.json"), eval_texts(SQUAD / "sample-flat.json")
+    assert curatedata.squad_contexts()[0] in nested
+    assert any("Normandy" in t for t in flat) and len(flat) == len(set(flat))
+    assert eval_set_name(SQUAD / "dev-v2.0-tiny.json") == "squad-dev-v2.0-tiny"
+
+
+def test_unreadable_eval_sets_are_clear_errors(tmp_path):
+    (tmp_path / "dev.tsv").write_text("id\tlabel\n1\t0\n")
+    with pytest.raises(StageError, match=r"dev.tsv: no text column in header \['id', 'label'\]"):
+        eval_texts(tmp_path / "dev.tsv")
+    with pytest.raises(StageError, match="file not found"):
+        eval_texts(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(StageError, match="broken.json: not valid JSON"):
+        eval_texts(tmp_path / "broken.json")
+
+
+def test_the_eval_files_content_is_part_of_the_fingerprint(tmp_path):
+    copy = tmp_path / "sst2" / "dev.tsv"
+    copy.parent.mkdir()
+    shutil.copy(SST2, copy)
+    config = dedup.DedupConfig(decontaminate={"enabled": True, "eval_sets": [copy]})
+    before = dedup.external_inputs(config)
+    copy.write_text(copy.read_text() + "one more sentence\t1\n")
+    assert dedup.external_inputs(config) != before
+    assert dedup.external_inputs(dedup.DedupConfig()) == {}
+
+
+def test_dedup_config_validation_and_fingerprint_fields():
+    with pytest.raises(ValidationError, match="eval_sets must list at least one file"):
+        dedup.DedupConfig(decontaminate={"enabled": True})
+    with pytest.raises(ValidationError, match="minhash.hash_fc"):
+        dedup.DedupConfig(minhash={"hash_fc": "md5"})
+    base = dedup.DedupConfig().output_fields()
+    assert base["minhash"] == {"enabled": True, "n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8,
+                               "hash_fc": "sha1", "precision": 64, "seed": 1, "language": "en"}
+    assert dedup.DedupConfig(executor={"workers": 2}).output_fields() == base
+    assert dedup.DedupConfig(minhash={"num_buckets": 20}).output_fields() != base

@@ -1,0 +1,203 @@
+"""The pretrain stage's config: model shape, optimizer and schedule, batch, launch, logging, sampling.
+
+`PretrainConfig` is what a recipe writes. `ModelSpec` is the resolved model shape (preset merged
+with explicit fields, the vocabulary from the shard manifest) that is saved as `config.json` beside
+the weights. `TrainerSpec` is the JSON file the stage hands to every torchrun worker.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from storage.configbase import StrictModel
+from tasks.pretrain.presets import get_preset
+
+VOCAB_MULTIPLE = 128                 # the embedding is padded to this multiple (fast matmuls)
+BERT_SPECIALS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]")
+SHAPE_FIELDS = ("n_layer", "n_head", "d_model", "d_mlp", "seq_len")
+
+
+class MoEConfig(StrictModel):
+    """A mixture-of-experts MLP for GPT blocks (top-k routing, Switch-style balancing loss)."""
+
+    n_experts: int = Field(0, ge=0, description="0 keeps the dense MLP")
+    top_k: int = Field(2, ge=1)
+    aux_loss_weight: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MoEConfig":
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} exceeds model.moe.n_experts={self.n_experts}")
+        return self
+
+
+class ModelSpec(StrictModel):
+    """A fully resolved model shape; saved as `config.json` next to the weights."""
+
+    arch: Literal["gpt", "bert"]
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_mlp: int
+    seq_len: int
+    vocab_size: int                   # real token ids run 0..vocab_size-1
+    padded_vocab_size: int            # embedding rows (a multiple of VOCAB_MULTIPLE)
+    dropout: float = 0.0
+    bias: bool = True
+    norm: Literal["pre", "post"] = "pre"
+    layer_norm_eps: float = 1e-5
+    type_vocab_size: int = 2          # BERT segments A/B
+    nsp: bool = False                 # BERT: a next-sentence head on [CLS]
+    n_experts: int = 0
+    top_k: int = 2
+    aux_loss_weight: float = 0.01
+    special_tokens: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class ModelConfig(StrictModel):
+    """Architecture and shape; explicit fields override the preset's."""
+
+    arch: Literal["gpt", "bert"] | None = Field(None, description="default: the preset's, else gpt")
+    preset: str | None = Field(None, description="default: '<arch>-mini'")
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    d_model: int | None = Field(None, ge=1)
+    d_mlp: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=2)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+    norm: Literal["pre", "post"] | None = Field(None, description="BERT: post (original) by default; GPT: pre only")
+    moe: MoEConfig = MoEConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.preset is not None:
+            preset_arch = get_preset(self.preset).arch
+            if self.arch is not None and self.arch != preset_arch:
+                raise ValueError(f"model.arch={self.arch!r} but model.preset={self.preset!r} is a {preset_arch} preset")
+        shape = self.shape()
+        if shape["d_model"] % shape["n_head"]:
+            raise ValueError(f"model.d_model={shape['d_model']} is not divisible by model.n_head={shape['n_head']}")
+        if self.resolved_arch() == "gpt" and self.norm == "post":
+            raise ValueError("model.norm='post' is a BERT option; GPT blocks are pre-LayerNorm")
+        if self.resolved_arch() == "bert" and self.moe.n_experts:
+            raise ValueError("model.moe is a GPT option; set model.moe.n_experts=0 for BERT")
+        return self
+
+    def resolved_arch(self) -> Literal["gpt", "bert"]:
+        if self.arch is not None:
+            return self.arch
+        return get_preset(self.preset).arch if self.preset else "gpt"
+
+    def preset_name(self) -> str:
+        return self.preset or f"{self.resolved_arch()}-mini"
+
+    def shape(self) -> dict[str, int]:
+        """n_layer, n_head, d_model, d_mlp, seq_len: the explicit value, else the preset's."""
+        preset = get_preset(self.preset_name())
+        return {name: getattr(self, name) or getattr(preset, name) for name in SHAPE_FIELDS}
+
+    def resolve(self, vocab_size: int, special_tokens: dict[str, int], nsp: bool = False) -> ModelSpec:
+        """The full shape for a vocabulary of `vocab_size` ids."""
+        bert = self.resolved_arch() == "bert"
+        return ModelSpec(
+            arch=self.resolved_arch(), **self.shape(), vocab_size=vocab_size,
+            padded_vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+            dropout=self.dropout, bias=self.bias, norm=self.norm or ("post" if bert else "pre"),
+            layer_norm_eps=1e-12 if bert else 1e-5, nsp=bert and nsp,
+            n_experts=self.moe.n_experts, top_k=self.moe.top_k, aux_loss_weight=self.moe.aux_loss_weight,
+            special_tokens=dict(special_tokens),
+        )
+
+
+class OptimConfig(StrictModel):
+    """AdamW with decoupled weight decay; linear warmup, then cosine or linear decay to a floor."""
+
+    lr: float = Field(6e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the floor, as a fraction of lr")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    decay: Literal["cosine", "linear"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 turns clipping off")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"optim.betas={self.betas} must both lie in [0, 1)")
+        return self
+
+
+class SampleConfig(StrictModel):
+    """Continuations the finished GPT writes to samples.txt (needs the tokenizer stage's output)."""
+
+    prompts: list[str] = ["The ", "First Citizen:\n", "In 1990, "]
+    max_new_tokens: int = Field(64, ge=0)
+    temperature: float = Field(0.8, gt=0)
+    top_k: int | None = Field(40, ge=1)
+
+
+class PretrainConfig(StrictModel):
+    """The pretrain stage: a GPT (causal LM) or BERT (MLM [+ NSP]) trained under torchrun."""
+
+    non_output_fields = frozenset({"log_every", "progress", "peak_flops", "rdzv_endpoint"})
+
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    sample: SampleConfig = SampleConfig()
+    batch_tokens: int = Field(4096, ge=1, description="global batch per optimizer step, in tokens")
+    micro_batch: int | None = Field(8, ge=1, description="sequences per rank per forward; None: largest that fits")
+    max_steps: int | None = Field(100, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="alternative to max_steps (set max_steps to null)")
+    precision: Literal["fp32", "bf16"] = "bf16"
+    compile: bool = False
+    # World size is an output field: it decides which row groups each rank reads and how the batch
+    # splits into micro-batches, so the per-step losses change with it.
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (multi-node)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dist: Literal["ddp", "fsdp"] = "ddp"
+    checkpoint_every: int = Field(50, ge=0, description="steps; 0 saves only the final checkpoint")
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=0, description="steps; 0 turns validation off")
+    eval_batches: int = Field(4, ge=1, description="micro-batches per rank per evaluation")
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    nsp: bool = Field(True, description="BERT next-sentence prediction; false gives RoBERTa-style MLM only")
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    peak_flops: float | None = Field(None, gt=0, description="device peak FLOP/s for MFU; None: a table/estimate")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "PretrainConfig":
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one of max_steps and max_tokens (the other to null)")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (host:port reachable from every node)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+class TrainerSpec(StrictModel):
+    """Everything a torchrun worker needs, written by the stage as JSON (no secrets, no environment)."""
+
+    config: PretrainConfig
+    model: ModelSpec
+    shard_dir: str
+    run_dir: str                      # in the stage's scratch: checkpoints, metrics, final model
+    seed: int
+    sequences_per_rank: int           # per optimizer step
+    max_steps: int
+    tokenizer_dir: str | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None

@@ -1,0 +1,151 @@
+"""Where a worker runs: device, process group, precision, the device's peak FLOP/s, parent death.
+
+Run as a module (`python -m tasks.pretrain.runtime TORCHRUN-ARGS`) it becomes `torchrun` after
+asking the kernel to SIGTERM it when the stage process dies, so a killed stage never leaves an
+orphaned agent; workers do the same towards the agent (`die_with_parent`).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; fp32 runs use TF32 at half that.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+                 "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent exits (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:          # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK when asked for (or `auto` and available), else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='auto' or 'cpu'")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
+                               "lower nproc_per_node")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str) -> DistEnv:
+    """Reads torchrun's environment and joins the process group (nccl on GPU, gloo on CPU)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = choose_device(requested_device, local_rank)
+    if world > 1:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True     # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    return DistEnv(rank, local_rank, world, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """bf16 where the device supports it, else fp32 (a pre-Ampere GPU)."""
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("pretrain: this GPU has no bf16; training in fp32", file=sys.stderr)
+        return "fp32"
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (weights and optimizer stay fp32), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_flops(device: torch.device, precision: str, configured: float | None) -> float:
+    """Peak FLOP/s of one GPU, or of the whole machine on CPU: configured, else a table/estimate."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
+        return peak if precision == "bf16" else peak / 2
+    return cpu_peak_flops(precision)
+
+
+def cpu_peak_flops(precision: str) -> float:
+    """A rough whole-machine CPU peak: cores x clock x FLOP per cycle from the vector units.
+
+    Two FMA pipes per core; 256-bit wide on AMD (Zen 4 splits AVX-512 in two) and on AVX2-only
+    Intel, 512-bit on Intel with AVX-512; bf16 dot-product instructions double it. An estimate:
+    set `peak_flops` in the recipe for a figure you trust.
+    """
+    flags, vendor = _cpu_flags()
+    lanes = 16 if ("avx512f" in flags and "AMD" not in vendor) else 8 if "avx2" in flags else 4
+    per_cycle = 2 * 2 * lanes                               # 2 pipes x (multiply + add) x lanes
+    if precision == "bf16" and ("avx512_bf16" in flags or "amx_bf16" in flags):
+        per_cycle *= 2
+    return (os.cpu_count() or 1) * _cpu_hz() * per_cycle
+
+
+def _cpu_flags() -> tuple[set[str], str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set(), ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    vendor = next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("vendor_id")), "")
+    return set(flags), vendor
+
+
+def _cpu_hz() -> float:
+    import psutil
+
+    freq = psutil.cpu_freq()
+    mhz = (freq.max or freq.current) if freq else 0.0
+    return (mhz or 2500.0) * 1e6
+
+
+if __name__ == "__main__":
+    die_with_parent(signal.SIGTERM)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *sys.argv[1:]])

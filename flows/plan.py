@@ -34,7 +34,7 @@ def stage_fingerprint(name: str, section: StrictModel, input_fps: dict[str, str]
     extra: dict[str, Any] = {}
     if hasattr(module, "external_inputs"):
         extra["files"] = module.external_inputs(section)
-    if spec.uses_seed:
+    if spec.seed_matters(section):
         extra["seed"] = seed
     return fingerprint(name, module.VERSION, section.output_fields(), input_fps, extra)
 

@@ -181,9 +181,8 @@ class ShardWriter:
 
     def _table(self) -> pa.Table:
         doc_ids, sources, splits, arrays = zip(*self._rows)
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-        np.cumsum([a.size for a in arrays], out=offsets[1:])
-        values = pa.array(np.concatenate(arrays).astype(self.dtype, copy=False))
+        offsets = np.cumsum([0, *(a.size for a in arrays)], dtype=np.int32)
+        values = pa.array(np.concatenate(arrays, dtype=self.dtype, casting="same_kind"))
         schema = shard_schema(self.dtype)
         tokens = pa.ListArray.from_arrays(pa.array(offsets), values, type=schema.field("tokens").type)
         return pa.Table.from_arrays([pa.array(doc_ids, pa.string()), pa.array(sources, pa.string()),

@@ -59,7 +59,9 @@ def read_rows(files: list[Path], columns: list[str]) -> Iterator[tuple]:
     """
     for path in files:
         try:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
+            # One decoding thread: the encoders use the cores, and Arrow's per-thread allocator
+            # caches would otherwise hold on to ~100 MB.
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns, use_threads=False):
                 yield from zip(*(batch.column(name).to_pylist() for name in columns))
         except (pa.ArrowException, KeyError, ValueError) as exc:
             raise StageError(f"{path}: cannot read it as document Parquet ({type(exc).__name__}: {exc})") from None

@@ -65,6 +65,7 @@ def pretrained_vocabulary(config: TokenizerConfig) -> Vocabulary:
     spec = str(config.pretrained)
     if spec in PRETRAINED_NAMES:
         encoding = load_named(spec)
+        # tiktoken has no public accessor for the ranks and pattern; these attributes are its own.
         return with_specials(encoding._mergeable_ranks, encoding._pat_str, config.special_tokens,
                              f"pretrained:{spec}", encoding._special_tokens)
     path = Path(spec).expanduser()

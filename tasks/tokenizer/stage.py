@@ -29,7 +29,10 @@ def run(config: TokenizerConfig, ctx: StageContext) -> StageResult:
     if vocab is None:
         vocab = train_vocabulary(config, corpus, result)
     save_vocabulary(vocab, ctx.output)
-    write_hf_tokenizer(vocab, ctx.output / HF_FILE)
+    try:
+        write_hf_tokenizer(vocab, ctx.output / HF_FILE)
+    except ValueError as exc:   # a pattern or special token the HF format cannot express
+        raise StageError(f"tokenizer: cannot export {HF_FILE}: {exc}") from None
     result.count("vocab_size", vocab.vocab_size)
     result.count("n_ranks", len(vocab.ranks))
     result.count("n_special_tokens", len(vocab.special_tokens))
@@ -81,7 +84,7 @@ def heldout_stats(vocab: Vocabulary, texts: list[str]) -> dict[str, float]:
     encoding = vocab.encoding()
     ids = encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
     for text, tokens in zip(texts, ids):
-        _check_round_trip(encoding, text, tokens)
+        _check_round_trip(encoding, vocab.pattern, text, tokens)
     n_tokens = sum(len(tokens) for tokens in ids)
     n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     used = set().union(*ids) - set(vocab.special_tokens.values())
@@ -89,7 +92,7 @@ def heldout_stats(vocab: Vocabulary, texts: list[str]) -> dict[str, float]:
             "bytes_per_token": n_bytes / max(n_tokens, 1), "vocab_used_fraction": len(used) / len(vocab.ranks)}
 
 
-def _check_round_trip(encoding: tiktoken.Encoding, text: str, tokens: list[int]) -> None:
+def _check_round_trip(encoding: tiktoken.Encoding, pattern: str, text: str, tokens: list[int]) -> None:
     if encoding.decode_bytes(tokens) != text.encode("utf-8"):
-        raise StageError(f"tokenizer: pattern {encoding._pat_str!r} does not cover all characters: "
+        raise StageError(f"tokenizer: pattern {pattern!r} does not cover all characters: "
                          f"decode(encode(text)) differs for the held-out text starting {text[:60]!r}")

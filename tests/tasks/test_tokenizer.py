@@ -253,3 +253,11 @@ def test_onig_pattern_keeps_gpt4_number_chunks():
     assert onig_pattern(r"\p{N}{1,3}+|[a-z]{2,}+") == r"(?>\p{N}{1,3})|(?>[a-z]{2,})"
     with pytest.raises(ValueError, match="possessive"):
         onig_pattern(r"(ab){2}+")
+
+
+def test_pattern_that_drops_text_or_cannot_be_exported_is_a_stage_error(tmp_path, docs_dir):
+    small = {"vocab_size": 300, "heldout_docs": 5, "max_train_chars": 20_000}
+    with pytest.raises(StageError, match=r"pattern .*w\+.* does not cover all characters"):
+        train(tmp_path, docs_dir, name="words", pattern=r"\w+", **small)
+    with pytest.raises(StageError, match="cannot export tokenizer.json.*possessive"):
+        train(tmp_path, docs_dir, name="group", pattern=r"(?:ab){2}+|[\s\S]", **small)

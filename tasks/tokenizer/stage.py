@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import rustbpe
@@ -54,7 +55,7 @@ def _document_files(ctx: StageContext, required: bool) -> list[Path]:
     return files
 
 
-def train_ranks(texts, n_ranks: int, pattern: str) -> dict[bytes, int]:
+def train_ranks(texts: Iterator[str], n_ranks: int, pattern: str) -> dict[bytes, int]:
     """Byte-level BPE with rustbpe: 256 byte tokens, then merges until `n_ranks` (or no pair is left)."""
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(texts, n_ranks, pattern=pattern)

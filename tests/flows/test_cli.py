@@ -178,3 +178,32 @@ def test_sigterm_ends_runs_killed_not_running(tmp_path, shared_data, cli):
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
     assert not list((ws / "stages/ingest").glob("*.tmp-*"))
+
+
+def test_force_rebuilds_later_stages_only_if_the_output_changed(tmp_path, shared_data, cli):
+    recipe = write_recipe(tmp_path / "tok.yaml", {"name": "tok", "ingest": {"sources": [
+        {"name": "dolma", "kind": "jsonl", "paths": [str(shared_data / "raw/dolma_ccnet_cc_en_head-0091.jsonl")]}]},
+        "tokenizer": {"vocab_size": 300, "heldout_docs": 2}, "shard": {"val_fraction": 0.1}})
+    ws = tmp_path / "ws"
+    assert cli(["run", str(recipe), "-w", str(ws)]).returncode == 0
+    forced = cli(["run", str(recipe), "-w", str(ws), "--force", "tokenizer"])
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    lines = {line.split()[0]: line.split()[2] for line in forced.stdout.splitlines() if line.startswith("  ")}
+    assert lines == {"ingest": "cached", "tokenizer": "built", "shard": "cached"}  # same tokenizer, same shards
+    success = next((ws / "stages/tokenizer").iterdir()) / "_SUCCESS.json"
+    record = json.loads(success.read_text())
+    success.write_text(json.dumps({**record, "output_digest": "0" * 64}))   # as if its output had changed
+    plan = cli(["plan", str(recipe), "-w", str(ws)]).stdout
+    status = {line.split()[0]: line.split(maxsplit=2)[2] for line in plan.splitlines()[1:]}
+    assert [status["ingest"], status["tokenizer"], status["shard"]] == ["cached", "cached", "pending"]
+    rebuilt = cli(["run", str(recipe), "-w", str(ws)])
+    assert "shard" in rebuilt.stdout and "built" in rebuilt.stdout.split("shard")[-1]
+
+
+def test_the_flow_parameters_are_the_pipeline_config():
+    from flows.pipeline import pipeline
+
+    schema = pipeline.parameters.model_dump()
+    assert schema["required"] == ["config"]
+    config_schema = schema["definitions"]["PipelineConfig"]["properties"]
+    assert {"ingest", "curate", "dedup", "tokenizer", "shard", "seed"} <= set(config_schema)

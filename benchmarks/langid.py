@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests" / "tasks"))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import curatedata  # noqa: E402
-from tasks.curate.langid import _MODELS, LanguageBackend, LinguaBackend, make_backend  # noqa: E402
+from tasks.curate.langid import LanguageBackend, LinguaBackend, forget_models, make_backend  # noqa: E402
 
 THRESHOLD = 0.65
 BACKENDS = {"langid": make_backend("langid"), "pycld2": make_backend("pycld2"), "lingua": LinguaBackend(),
@@ -71,7 +71,7 @@ def evaluate(backend: LanguageBackend, data: dict[str, list[tuple[str, str]]]) -
         predictions = [backend.predict(text) for text, _ in pairs]
         figures[f"{set_name}_docs_per_s"] = len(pairs) / (time.perf_counter() - started)
         figures.update(_scores(set_name, pairs, predictions))
-    _MODELS.clear()
+    forget_models()
     return figures
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from storage.stage import StageContext, StageError, StageResult
 from tasks.curate.config import CurateConfig
 from tasks.curate.executors import build_executor, merged_step_stats, run_executor
+from tasks.curate.filters import release_caches
 from tasks.curate.funnel import Scratch, check_accounting, link_tree, reset_incomplete_ranks, stage_stats
 from tasks.curate.pipeline import build_pipeline
 from tasks.curate.steps import read_problems, write_plan
@@ -56,17 +57,26 @@ def require_units(plan_file: Path, bad_files: list[dict[str, str]], input_dir: P
 def run(config: CurateConfig, ctx: StageContext) -> StageResult:
     scratch = Scratch(Path(ctx.scratch))
     scratch.root.mkdir(parents=True, exist_ok=True)
-    plan_file, bad_files = write_plan(scratch.root, input_documents(ctx))
-    require_units(plan_file, bad_files, input_documents(ctx))
+    input_dir = input_documents(ctx)
+    plan_file, bad_files = write_plan(scratch.root, input_dir)
+    require_units(plan_file, bad_files, input_dir)
     labels, pipeline = build_pipeline(config, scratch, plan_file, ctx.seed)
     executor = build_executor(pipeline, config.executor, scratch.logging_dir(), job_name="curate")
     reset_incomplete_ranks(executor.get_incomplete_ranks(), scratch)
-    run_executor(executor, config.executor, "curate")
+    try:
+        run_executor(executor, config.executor, "curate")
+    finally:
+        release_caches()  # the block lists and models loaded in this process (workers=1) are ~1 GB
     result = StageResult(stats=stage_stats(labels, merged_step_stats(scratch.logging_dir(), config.executor.tasks)))
     check_accounting(result.stats)
-    for problem in [*bad_files, *read_problems(scratch.problems)]:
-        result.bad(problem["path"], problem["reason"], problem.get("detail", ""), problem.get("where"))
-    result.count("bad_inputs", len(result.bad_inputs))
+    record_problems(result, bad_files, scratch)
     link_tree(scratch.output, Path(ctx.output))
     result.artifacts = {"funnel_steps": labels, "language_backend": config.language.backend}
     return result
+
+
+def record_problems(result: StageResult, bad_files: list[dict[str, str]], scratch: Scratch) -> None:
+    """Unreadable files (from the plan) and bad rows or documents (logged by the ranks) into `bad_inputs`."""
+    for problem in [*bad_files, *read_problems(scratch.problems)]:
+        result.bad(problem["path"], problem["reason"], problem.get("detail", ""), problem.get("where"))
+    result.count("bad_inputs", len(result.bad_inputs))

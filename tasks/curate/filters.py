@@ -19,7 +19,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.url_filter import URLFilter
 from datatrove.utils.logging import logger
 
-from tasks.curate.langid import LanguageBackend
+from tasks.curate.langid import LanguageBackend, forget_models
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 WARMUP_HTML = "<html><body><p>Warming up the extractor with one short paragraph.</p></body></html>"
@@ -27,6 +27,12 @@ WARMUP_HTML = "<html><body><p>Warming up the extractor with one short paragraph.
 _URL_LISTS: dict[tuple, dict[str, Any]] = {}
 _URL_LIST_ATTRS = ("block_listed_domains", "block_listed_url", "banned_words", "banned_subwords",
                    "soft_banned_words", "banned_subwords_automaton")
+
+
+def release_caches() -> None:
+    """Forgets the block lists and language models this process loaded (called when a stage ends)."""
+    _URL_LISTS.clear()
+    forget_models()
 
 
 class OfflineURLFilter(URLFilter):
@@ -77,8 +83,9 @@ class HtmlExtractor(Trafilatura):
     """
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        import trafilatura  # noqa: F401  imported here so the forked sandbox starts warm, within its timeout
-
+        # One extraction here first: the sandbox process is forked from this one and starts warm
+        # (imports and Trafilatura's lazy set-up done), well within its start-up timeout.
+        self.extract(WARMUP_HTML)
         with ExtractorSandbox(timeout=self.timeout, warmup_text=WARMUP_HTML) as sandbox:
             for doc in data:
                 if not is_html(doc):

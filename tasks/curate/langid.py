@@ -34,6 +34,11 @@ CLD2_REJECTS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MODELS: dict[tuple[str, str], Any] = {}
 
 
+def forget_models() -> None:
+    """Drops the models this process loaded (a long-lived orchestrator should not keep them)."""
+    _MODELS.clear()
+
+
 class LanguageBackend(ABC):
     """Predicts `(iso 639-1 code, score in [0, 1])` for a text; the model loads on first use."""
 

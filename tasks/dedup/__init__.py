@@ -37,10 +37,10 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig as DtMinhashConfig
 from datatrove.utils.hashing import HashConfig
 
 from storage.stage import StageContext, StageResult
-from tasks.curate import input_documents, require_units
+from tasks.curate import input_documents, record_problems, require_units
 from tasks.curate.executors import ExecutorConfig, build_executor, merged_step_stats, run_executor
 from tasks.curate.funnel import Scratch, check_accounting, link_tree, reset_incomplete_ranks, stage_stats
-from tasks.curate.steps import DocumentParquetWriter, DocumentReader, FunnelFilter, FunnelStep, read_problems, write_plan
+from tasks.curate.steps import DocumentParquetWriter, DocumentReader, FunnelFilter, FunnelStep, write_plan
 from tasks.dedup.config import DedupConfig
 from tasks.dedup.evalsets import build_index, file_signature
 from tasks.dedup.steps import Decontaminate, normalized_text
@@ -145,9 +145,7 @@ def run(config: DedupConfig, ctx: StageContext) -> StageResult:
     labels, merged = job.filter_pass()
     result = StageResult(stats={**stage_stats(labels, merged, DEFAULT_REASONS), **extra})
     check_accounting(result.stats)
-    for problem in [*job.bad_files, *read_problems(job.scratch.problems)]:
-        result.bad(problem["path"], problem["reason"], problem.get("detail", ""), problem.get("where"))
-    result.count("bad_inputs", len(result.bad_inputs))
+    record_problems(result, job.bad_files, job.scratch)
     link_tree(job.scratch.output, Path(ctx.output))
     result.artifacts = {"funnel_steps": labels}
     return result

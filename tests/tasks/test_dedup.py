@@ -126,6 +126,26 @@ def test_same_recipe_gives_the_same_bytes(deduped, corpus_dir, tmp_path):
     assert files(ctx.output) == files(reference.output) != {}
 
 
+def test_a_rerun_after_a_crash_redoes_only_the_unfinished_ranks(deduped, corpus_dir, tmp_path):
+    """A crash during the filter pass: signatures, buckets and clusters are kept, one filter rank is redone."""
+    reference, _ = deduped
+    first = make_ctx(tmp_path, corpus_dir, "first")
+    dedup.run(dedup.DedupConfig(**FULL), first)
+    logs = first.scratch / "logs"
+    (logs / "filter" / "completions" / "00001").unlink()  # as if the process died while rank 1 filtered
+    for path in (first.scratch / "output").glob("*-00001.parquet"):
+        path.unlink()  # (unlink first: the committed output of the first run hard-links this file)
+        path.write_bytes(b"half-written")
+    stamps = {p: p.stat().st_mtime_ns for p in logs.glob("*/stats/*.json") if "filter/stats/00001" not in str(p)}
+
+    retry = StageContext("dedup", "first", tmp_path / "retry-out", first.scratch, first.inputs, tmp_path)
+    retry.output.mkdir()
+    dedup.run(dedup.DedupConfig(**FULL), retry)
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())  # nothing finished was redone
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.rglob("*.parquet"))}  # noqa: E731
+    assert files(retry.output) == files(reference.output)
+
+
 def test_flag_mode_keeps_contaminated_documents_and_marks_them(corpus_dir, tmp_path):
     config = dedup.DedupConfig(minhash={"enabled": False},
                                decontaminate={"enabled": True, "eval_sets": EVAL_SETS, "mode": "flag"})

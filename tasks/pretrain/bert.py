@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.pretrain.config import ModelSpec
-from tasks.pretrain.gpt import INIT_STD, ModelOutput
+from tasks.pretrain.gpt import INIT_STD, ModelOutput, split_heads
 
 IGNORE = -100
 
@@ -27,7 +27,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """`keep` (batch, time) is True for real tokens; None means no padding in the batch."""
         batch, seq, width = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = split_heads(self.qkv(x), self.n_head)
         mask = None if keep is None else keep[:, None, None, :]
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

@@ -172,7 +172,8 @@ class PretrainConfig(StrictModel):
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     nsp: bool = Field(True, description="BERT next-sentence prediction; false gives RoBERTa-style MLM only")
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    peak_flops: float | None = Field(None, gt=0, description="device peak FLOP/s for MFU; None: a table/estimate")
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one GPU, or of one process's CPU "
+                                     "threads, for MFU; None: a table (GPU) or an estimate (CPU)")
     progress: bool = True
 
     @model_validator(mode="after")

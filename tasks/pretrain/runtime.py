@@ -103,7 +103,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def peak_flops(device: torch.device, precision: str, configured: float | None) -> float:
-    """Peak FLOP/s of one GPU, or of the whole machine on CPU: configured, else a table/estimate."""
+    """Peak FLOP/s of one GPU, or of this process's CPU threads: configured, else a table/estimate."""
     if configured:
         return configured
     if device.type == "cuda":
@@ -114,7 +114,7 @@ def peak_flops(device: torch.device, precision: str, configured: float | None) -
 
 
 def cpu_peak_flops(precision: str) -> float:
-    """A rough whole-machine CPU peak: cores x clock x FLOP per cycle from the vector units.
+    """A rough CPU peak for this process: its threads x clock x FLOP per cycle of the vector units.
 
     Two FMA pipes per core; 256-bit wide on AMD (Zen 4 splits AVX-512 in two) and on AVX2-only
     Intel, 512-bit on Intel with AVX-512; bf16 dot-product instructions double it. An estimate:
@@ -125,7 +125,7 @@ def cpu_peak_flops(precision: str) -> float:
     per_cycle = 2 * 2 * lanes                               # 2 pipes x (multiply + add) x lanes
     if precision == "bf16" and ("avx512_bf16" in flags or "amx_bf16" in flags):
         per_cycle *= 2
-    return (os.cpu_count() or 1) * _cpu_hz() * per_cycle
+    return torch.get_num_threads() * _cpu_hz() * per_cycle
 
 
 def _cpu_flags() -> tuple[set[str], str]:

@@ -90,8 +90,7 @@ class Trainer:
         paths = shard_paths(Path(spec.shard_dir), manifest)
         self.groups = {split: split_row_groups(paths, split) for split in ("train", "val")}
         self.log = MetricsLog(self.run_dir, spec.mlflow_tracking_uri, spec.mlflow_run_id) if env.is_main else None
-        devices = env.world if env.device.type == "cuda" else self.cfg.nnodes
-        self.peak = peak_flops(env.device, self.precision, self.cfg.peak_flops) * devices
+        self.peak = peak_flops(env.device, self.precision, self.cfg.peak_flops) * env.world   # all ranks together
         self.summary: dict[str, float] = {"tokens_trained": 0, "train_wall_s": 0.0, "skipped_nonfinite_steps": 0}
         self.loader_state: dict[str, int] = LoaderState().as_dict()
         self.resumed_from = 0
@@ -158,12 +157,12 @@ class Trainer:
 
     def fit(self) -> None:
         start = self._restore()
-        batches, bar = self._train_batches(), self._progress(start)
+        batches, bar = self.train_batches(), self._progress(start)
         self.interval, self.rate = Throughput(), Throughput()     # since the last log line; this attempt
         loop_start, wall_before = time.perf_counter(), self.summary["train_wall_s"]
         try:
             for step in range(start + 1, self.spec.max_steps + 1):
-                result = self._train_step(step, batches)
+                result = self.train_step(step, batches)
                 self.interval.add(result)
                 if step > start + 1 or step == self.spec.max_steps:    # the attempt's first step warms up
                     self.rate.add(result)
@@ -178,7 +177,7 @@ class Trainer:
                 bar.close()
         self._finish()
 
-    def _train_step(self, step: int, batches: Prefetcher) -> StepResult:
+    def train_step(self, step: int, batches: Prefetcher) -> StepResult:
         lr = lr_at(step, self.cfg.optim, self.spec.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -273,7 +272,7 @@ class Trainer:
         stream = PairStream(self.groups[split], ids=ids, seq_len=self.mspec.seq_len, nsp=self.mspec.nsp, **common)
         return bert_batches(stream, self.micro_batch)
 
-    def _train_batches(self) -> Prefetcher:
+    def train_batches(self) -> Prefetcher:
         """This rank's training micro-batches, read ahead in a background thread."""
         state = LoaderState(**self.loader_state)
         return Prefetcher(self._stream("train", state, self.env.rank, self.env.world, shuffle=True),

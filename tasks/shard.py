@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +33,7 @@ SHARD_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
 EOT_TOKEN = "<|endoftext|>"
 ROW_GROUP_MAX_BYTES = 4 * 2**20
+BATCH_MAX_CHARS = 2**20      # text per encoding task; a few tasks are in flight at once
 SPLIT_RULE = "val if int.from_bytes(sha256(doc_id.encode('utf-8')).digest()[:8], 'big') / 2**64 < val_fraction"
 
 
@@ -96,8 +96,16 @@ Row = tuple[str, str, str]   # (doc_id, source, text)
 
 
 def _batched(docs: Iterable[Row], size: int) -> Iterator[list[Row]]:
-    iterator = iter(docs)
-    while batch := list(islice(iterator, size)):
+    """Batches of `size` documents, cut early at BATCH_MAX_CHARS so long documents keep memory bounded."""
+    batch: list[Row] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[2])
+        if len(batch) >= size or chars >= BATCH_MAX_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 

@@ -31,7 +31,7 @@ def select_heldout(files: list[Path], wanted: int) -> set[str]:
     wanted = min(wanted, count_documents(files) // HELDOUT_MAX_SHARE)
     largest_first: list[tuple[float, str]] = []   # a max-heap of the smallest hashes seen so far
     for path in files if wanted else []:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["id"], batch_size=65_536):
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(columns=["id"], batch_size=65_536):
             for doc_id in batch.column(0).to_pylist():
                 item = (-id_hash(doc_id, "tokenizer-heldout"), doc_id)
                 if len(largest_first) < wanted:
@@ -59,9 +59,11 @@ def read_rows(files: list[Path], columns: list[str]) -> Iterator[tuple]:
     """
     for path in files:
         try:
-            # One decoding thread: the encoders use the cores, and Arrow's per-thread allocator
-            # caches would otherwise hold on to ~100 MB.
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns, use_threads=False):
+            # pre_buffer=False: pyarrow's default reads the whole file's columns up front (memory
+            # would grow with the file); one decoding thread: the encoders use the cores, and
+            # Arrow's per-thread allocator caches would hold on to ~100 MB.
+            parquet = pq.ParquetFile(path, pre_buffer=False)
+            for batch in parquet.iter_batches(batch_size=1024, columns=columns, use_threads=False):
                 yield from zip(*(batch.column(name).to_pylist() for name in columns))
         except (pa.ArrowException, KeyError, ValueError) as exc:
             raise StageError(f"{path}: cannot read it as document Parquet ({type(exc).__name__}: {exc})") from None

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from storage.tracking import disable_telemetry
+from storage.telemetry import disable_telemetry
 
 disable_telemetry()
 

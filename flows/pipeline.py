@@ -16,7 +16,8 @@ from flows.plan import CACHED, PENDING, PlannedStage, enabled_stages, is_fresh, 
 from flows.recipe import PipelineConfig
 from flows.runner import RunInfo, execute_stage, record_cached_stage
 from storage.catalog import Catalog
-from storage.tracking import Tracker, disable_telemetry
+from storage.telemetry import disable_telemetry
+from storage.tracking import Tracker
 from storage.workspace import Workspace
 
 disable_telemetry()

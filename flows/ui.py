@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from storage.tracking import TELEMETRY_OFF, artifact_location, tracking_uri
+from storage.telemetry import TELEMETRY_OFF
+from storage.tracking import artifact_location, tracking_uri
 from storage.workspace import Workspace
 
 

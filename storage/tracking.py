@@ -10,15 +10,10 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+from storage.telemetry import TELEMETRY_OFF, disable_telemetry  # noqa: F401  (re-exported)
+
 MAX_PARAM_LENGTH = 6000
 SECRET_MARKERS = ("password", "secret", "token_key", "api_key", "apikey", "credential", "access_key")
-
-
-def disable_telemetry() -> None:
-    """Telemetry off unless the user set these variables themselves."""
-    for name, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(name, value)
 
 
 def tracking_uri(workspace: Path) -> str:

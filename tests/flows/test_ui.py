@@ -1,0 +1,51 @@
+"""`lmforge ui` starts the Prefect server and the MLflow UI on 127.0.0.1."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+
+from conftest import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float = 150) -> bytes:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read()
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+def test_ui_serves_prefect_and_mlflow_on_loopback(tmp_path):
+    prefect_port, mlflow_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "-w", str(tmp_path / "ws"),
+                             "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect")})
+    try:
+        assert b"true" in wait_for(f"http://127.0.0.1:{prefect_port}/api/health", proc)
+        assert wait_for(f"http://127.0.0.1:{mlflow_port}/health", proc).strip() == b"OK"
+        listening = [c.laddr for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        for port in (prefect_port, mlflow_port):
+            binds = [addr.ip for addr in listening if addr.port == port]
+            assert binds and set(binds) == {"127.0.0.1"}, binds
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in output
+    assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}" in output

@@ -26,6 +26,10 @@ from pydantic import Field, model_validator
 from storage.configbase import StrictModel
 from storage.stage import StageError
 
+# Imported by the forkserver before it forks datatrove's workers (see preload_in_forkserver).
+FORKSERVER_PRELOAD = ("spacy", "trafilatura", "pyarrow.parquet", "datatrove.pipeline.filters",
+                      "datatrove.pipeline.dedup", "tasks.curate.pipeline", "tasks.dedup")
+
 
 class SlurmOptions(StrictModel):
     """datatrove's SlurmPipelineExecutor options; the scratch dir must be on a filesystem the nodes share."""
@@ -86,12 +90,25 @@ class IsolatingLocalExecutor(LocalPipelineExecutor):
             return PipelineStats()
 
 
+def preload_in_forkserver() -> None:
+    """Has the forkserver import spaCy, Trafilatura and datatrove's steps once, before it forks workers.
+
+    Every worker of every pool otherwise imports them itself (seconds each, per pass). This only
+    applies if the forkserver of this process has not started yet; later pools reuse it either way.
+    """
+    import multiprocess.forkserver
+
+    multiprocess.forkserver.set_forkserver_preload(["__main__", *FORKSERVER_PRELOAD])
+
+
 def build_executor(pipeline: list, config: ExecutorConfig, logging_dir: Path, tasks: int | None = None,
                    workers: int | None = None, job_name: str = "lmforge") -> PipelineExecutor:
     """The datatrove executor the recipe asks for, logging (stats, completions) under `logging_dir`."""
     tasks = config.tasks if tasks is None else tasks
     workers = min(config.workers if workers is None else workers, tasks)
     if config.kind == "local":
+        if workers > 1:
+            preload_in_forkserver()
         return IsolatingLocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir))
     if config.kind == "slurm":
         return _slurm_executor(pipeline, config, logging_dir, tasks, workers, job_name)

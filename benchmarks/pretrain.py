@@ -59,6 +59,7 @@ class Result:
     median_step_s: float
     mfu: float
     data_wait_share: float
+    step_times: list[float]
 
 
 # ---- the reference: a nanoGPT-style model and loop ------------------------------------------
@@ -222,7 +223,7 @@ def summarize(name: str, precision: str, compiled: bool, steps: list[tuple[float
     times = [t for t, _ in steps]
     rate = tokens / min(times)
     return Result(name, precision, compiled, rate, min(times), statistics.median(times), rate * flops / peak,
-                  sum(w for _, w in steps) / sum(times))
+                  sum(w for _, w in steps) / sum(times), times)
 
 
 # ---- running and printing --------------------------------------------------------------------
@@ -316,11 +317,13 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         ref = [r for r in results if (r.name, r.precision, r.compiled) == ("reference", precision, compiled)]
         label = precision + (" + compile" if compiled else "")
         if mine and ref:
-            ratio = statistics.median(r.tokens_per_s for r in mine) / statistics.median(r.tokens_per_s for r in ref)
-            print(f"lmforge/reference tokens/s, {label}: {ratio:.2f}x")
+            best = max(r.tokens_per_s for r in mine) / max(r.tokens_per_s for r in ref)
+            # Steps were taken in turns, so each pair saw the same load on a shared machine.
+            paired = statistics.median(a / b for m, r in zip(mine, ref) for a, b in zip(r.step_times, m.step_times))
+            print(f"lmforge/reference tokens/s, {label}: {best:.2f}x (best steps), {paired:.2f}x (median of step pairs)")
         elif mine:
-            print(f"lmforge {label}: {statistics.median(r.tokens_per_s for r in mine):,.0f} tokens/s, "
-                  f"MFU {statistics.median(r.mfu for r in mine):.1%}")
+            print(f"lmforge {label}: {max(r.tokens_per_s for r in mine):,.0f} tokens/s, "
+                  f"MFU {max(r.mfu for r in mine):.1%}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
 

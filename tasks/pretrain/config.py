@@ -142,6 +142,12 @@ class SampleConfig(StrictModel):
     temperature: float = Field(0.8, gt=0)
     top_k: int | None = Field(40, ge=1)
 
+    @model_validator(mode="after")
+    def _prompts_not_empty(self) -> "SampleConfig":
+        if any(not prompt for prompt in self.prompts):
+            raise ValueError("sample.prompts: a prompt is empty; the model needs at least one token to continue")
+        return self
+
 
 class PretrainConfig(StrictModel):
     """The pretrain stage: a GPT (causal LM) or BERT (MLM [+ NSP]) trained under torchrun."""

@@ -97,9 +97,9 @@ def read_documents(group: RowGroup, split: str, vocab_size: int) -> tuple[np.nda
     lengths = pc.list_value_length(tokens).to_numpy(zero_copy_only=False).astype(np.int64)
     values = pc.list_flatten(tokens).to_numpy(zero_copy_only=False)
     if values.size and int(values.max()) >= vocab_size:
-        row = int(np.searchsorted(np.cumsum(lengths), int(np.argmax(values >= vocab_size)), side="right"))
-        doc_id = table["doc_id"][row].as_py()
-        raise ShardDataError(f"{group}: document {doc_id!r} holds token id {int(values.max())}, "
+        first = int(np.argmax(values >= vocab_size))
+        doc_id = table["doc_id"][int(np.searchsorted(np.cumsum(lengths), first, side="right"))].as_py()
+        raise ShardDataError(f"{group}: document {doc_id!r} holds token id {int(values[first])}, "
                              f"outside the manifest's vocab_size {vocab_size}")
     return values, lengths
 

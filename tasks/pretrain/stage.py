@@ -5,6 +5,10 @@ finds the last complete checkpoint there and continues. Only when the workers ar
 results linked into `ctx.output`. Everything a user can get wrong about the input (missing or
 empty shards, too few row groups for the world size, a batch that does not divide) is reported
 here, before a single worker starts.
+
+Past one machine (`nnodes > 1`), the stage runs node 0's torchrun agent and prints the command
+each other node runs (`worker_command(..., node_rank)`): the same trainer JSON, read from a
+filesystem every node shares, and torchrun's c10d rendezvous at `rdzv_endpoint`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,17 +112,23 @@ class Trainer:
     def _probe(self, sizes: list[int]) -> int:
         """The first size whose forward and backward fit in GPU memory (tried before any wrapping)."""
         for size in sizes:
-            try:
-                with autocast(self.env.device, self.precision):
-                    out = self.model(**self._dummy_inputs(size))
-                out.loss.backward()
+            fits = self._fits(size)
+            torch.cuda.empty_cache()                # the failed attempt's tensors are gone by now
+            if fits:
                 return size
-            except torch.OutOfMemoryError:
-                note(f"micro-batch {size} does not fit; trying a smaller one")
-            finally:
-                self.model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+            note(f"micro-batch {size} does not fit in GPU memory; trying a smaller one")
         raise RuntimeError("not even a micro-batch of 1 sequence fits in GPU memory")
+
+    def _fits(self, size: int) -> bool:
+        try:
+            with autocast(self.env.device, self.precision):
+                loss = self.model(**self._dummy_inputs(size)).loss
+            loss.backward()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            self.model.zero_grad(set_to_none=True)
 
     def _dummy_inputs(self, size: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(self.mspec.vocab_size, (size, self.mspec.seq_len), device=self.env.device)

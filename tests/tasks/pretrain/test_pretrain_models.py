@@ -57,6 +57,12 @@ def test_model_config_errors_name_the_field() -> None:
         PretrainConfig(max_tokens=1000)
     with pytest.raises(ValidationError, match="extra"):
         PretrainConfig(model={"preset": "gpt-nano", "layers": 3})
+    with pytest.raises(ValidationError, match="nnodes=2 needs rdzv_endpoint"):
+        PretrainConfig(nnodes=2)
+    with pytest.raises(ValidationError, match="sample.prompts: a prompt is empty"):
+        PretrainConfig(sample={"prompts": ["The ", ""]})
+    with pytest.raises(ValidationError, match="model.moe is a GPT option"):
+        ModelConfig(preset="bert-nano", moe={"n_experts": 4})
 
 
 def test_gpt_is_causal_and_the_loss_starts_near_uniform() -> None:

@@ -164,6 +164,17 @@ def test_sigkill_after_a_checkpoint_then_rerun_continues_exactly(tmp_path: Path,
     assert result.stats["resumed_from_step"] in (10, 20, 30)
     assert losses(tmp_path / "output" / "metrics.jsonl") == losses(reference[0].output / "metrics.jsonl")
     assert result.stats["final_val_loss"] == reference[1].stats["final_val_loss"]
+    weights = "model/model.safetensors"
+    assert (tmp_path / "output" / weights).read_bytes() == (reference[0].output / weights).read_bytes()
+
+
+def test_fsdp_matches_ddp_and_writes_full_weights(tmp_path: Path, corpus: tuple[Path, Path], reference) -> None:
+    result = run(PretrainConfig.model_validate({**GPT_RUN, "dist": "fsdp"}), sf.stage_context(tmp_path, corpus[0]))
+    sharded = losses(tmp_path / "output" / "metrics.jsonl")
+    assert sharded == pytest.approx(losses(reference[0].output / "metrics.jsonl"), rel=1e-5)
+    weights = (tmp_path / "output" / "model" / "model.safetensors").stat().st_size
+    assert weights == (reference[0].output / "model" / "model.safetensors").stat().st_size   # gathered, not a shard
+    assert result.stats["final_val_loss"] == pytest.approx(reference[1].stats["final_val_loss"], rel=1e-5)
 
 
 def test_bert_nano_on_two_processes_learns(tmp_path: Path, corpus: tuple[Path, Path]) -> None:

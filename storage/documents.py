@@ -119,8 +119,9 @@ def iter_documents(paths: Path | Iterable[Path], columns: list[str] | None = Non
     """Streams documents from a directory or a list of Parquet files, one row group at a time."""
     files = document_files(paths) if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     for path in files:
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+        # pre_buffer=False: read one row group at a time instead of the whole file's columns up front.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
+        for batch in parquet.iter_batches(batch_size=1024, columns=columns, use_threads=False):
             for row in batch.to_pylist():
                 row.setdefault("url", None)
                 row.setdefault("metadata", "{}")

@@ -7,9 +7,10 @@ ParquetReader -> steps -> ParquetWriter; lmforge adds its row-group reader, the 
 counters, the stats merge and the output linking. The URL filter and language filter are
 lmforge's offline versions on both sides (datatrove's own fetch data from the network).
 
-Peak memory is the largest sum of RSS over the stage's process tree (the stage process, datatrove's
-worker processes and the extraction sandboxes), sampled every 20 ms, for the lmforge stage at 1x, 2x
-and 4x the input, each in a fresh subprocess: the goal is flat.
+Peak memory is the largest sum of PSS over the stage's process tree (the stage process, datatrove's
+forkserver and workers, the extraction sandboxes), sampled every 250 ms, for the lmforge stage at 1x,
+2x and 4x the input, each in a fresh subprocess: the goal is flat. Most of it is the URL filter's
+block lists (~1 GB in each worker process).
 
     python benchmarks/curate.py           # 1x = 304 pages; about 3 minutes
     python benchmarks/curate.py --quick   # 1x = 38 pages, URL filter off on both sides; well under a minute
@@ -92,9 +93,13 @@ def run_direct(input_dir: Path, work: Path, quick: bool, tasks: int, workers: in
 
 
 class TreeMemory(threading.Thread):
-    """Samples the RSS summed over this process and all its descendants; keeps the peak."""
+    """Samples the memory of this process and all its descendants; keeps the peak.
 
-    def __init__(self, interval_s: float = 0.02) -> None:
+    PSS (proportional set size), not RSS: datatrove's workers and their extraction sandboxes are
+    forks that share most pages, and a sum of RSS would count those pages once per process.
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
         super().__init__(daemon=True)
         self.interval_s = interval_s
         self.peak_bytes = 0
@@ -106,7 +111,7 @@ class TreeMemory(threading.Thread):
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    total += proc.memory_full_info().pss
                 except psutil.Error:  # a process that ended between listing and reading
                     continue
             self.peak_bytes = max(self.peak_bytes, total)

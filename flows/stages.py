@@ -11,6 +11,7 @@ from storage.configbase import StrictModel
 from tasks.curate.config import CurateConfig
 from tasks.dedup.config import DedupConfig
 from tasks.ingest.config import IngestConfig
+from tasks.pretrain.config import PretrainConfig
 from tasks.shard import ShardConfig
 from tasks.tokenizer.config import TokenizerConfig
 
@@ -37,6 +38,7 @@ STAGES: dict[str, StageSpec] = {
     "dedup": StageSpec("dedup", "tasks.dedup", reads=("documents",)),
     "tokenizer": StageSpec("tokenizer", "tasks.tokenizer", reads=("documents",)),
     "shard": StageSpec("shard", "tasks.shard", reads=("documents", "tokenizer")),
+    "pretrain": StageSpec("pretrain", "tasks.pretrain", reads=("shard", "tokenizer"), seed_matters=lambda c: True),
 }
 
 
@@ -48,6 +50,7 @@ class StageConfigs(StrictModel):
     dedup: DedupConfig | None = None
     tokenizer: TokenizerConfig | None = None
     shard: ShardConfig | None = None
+    pretrain: PretrainConfig | None = None
 
 
 def input_stages(spec: StageSpec, enabled: list[str]) -> dict[str, str]:

@@ -459,15 +459,7 @@ def test_ray_executor_needs_ray_installed_or_is_built(tmp_path):
 
 # --- inside Prefect ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-def test_two_workers_from_a_prefect_task(prefect_server, curated, real_input, tmp_path):
+def test_two_workers_from_a_prefect_task(prefect_api, curated, real_input, tmp_path):
     """datatrove's forkserver pool started from inside a Prefect task run gives the same output."""
     from prefect import flow, task
 

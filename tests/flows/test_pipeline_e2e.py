@@ -1,0 +1,99 @@
+"""The whole pipeline, ingest to pretrain, as a user runs it: one recipe, real files, real processes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_cli import catalog_rows, run_statuses, write_recipe
+
+STAGES = ["ingest", "curate", "dedup", "tokenizer", "shard", "pretrain"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, shared_data) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    return write_recipe(root / "tiny.yaml", {
+        "name": "tiny", "seed": 7,
+        "ingest": {"sources": [
+            {"name": "cc", "kind": "warc", "paths": [str(shared_data / "raw/*.warc.gz")]},
+            {"name": "dolma", "kind": "jsonl", "paths": [str(shared_data / "raw/dolma_ccnet_cc_en_head-0091.jsonl")]},
+            {"name": "wiki", "kind": "wiki_offline", "languages": ["en", "fr"], "max_docs": 600}]},
+        "curate": {"executor": {"tasks": 1, "workers": 1}, "c4_quality": {"min_num_sentences": 2}},
+        "dedup": {"executor": {"tasks": 1, "workers": 1}},
+        "tokenizer": {"vocab_size": 512, "special_tokens": ["<|endoftext|>", "[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]"]},
+        "shard": {"val_fraction": 0.1},
+        "pretrain": {"model": {"preset": "gpt-nano"}, "batch_tokens": 512, "micro_batch": 4, "max_steps": 12,
+                     "eval_every": 6, "checkpoint_every": 6, "log_every": 2, "precision": "fp32",
+                     "sample": {"prompts": ["The "], "max_new_tokens": 8}},
+    })
+
+
+@pytest.fixture(scope="module")
+def built(recipe, prefect_api) -> Path:
+    from conftest import run_cli
+
+    ws = recipe.parent / "ws"
+    out = run_cli(["run", str(recipe), "-w", str(ws)])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert run_statuses(out.stdout) == {stage: "built" for stage in STAGES}
+    return ws
+
+
+def test_every_stage_builds_then_every_stage_is_cached(recipe, built, cli):
+    again = cli(["run", str(recipe), "-w", str(built)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert run_statuses(again.stdout) == {stage: "cached" for stage in STAGES}
+    rows = catalog_rows(built, "select stage, cached from stage_runs where cached order by started_at")
+    assert [r[0] for r in rows] == STAGES
+
+
+def test_the_funnel_adds_up_in_the_catalog(built):
+    rows = catalog_rows(built, """
+        select stage, max(value) filter (name = 'docs_in') as docs_in,
+               max(value) filter (name = 'docs_out') as docs_out,
+               coalesce(sum(value) filter (name like 'dropped/%'), 0) as dropped
+        from stage_stats group by stage order by stage""")
+    by_stage = {stage: (docs_in, docs_out, dropped) for stage, docs_in, docs_out, dropped in rows}
+    for stage in ("ingest", "curate", "dedup", "shard"):
+        docs_in, docs_out, dropped = by_stage[stage]
+        assert docs_in == docs_out + dropped, stage
+    assert by_stage["curate"][0] == by_stage["ingest"][1]     # each stage reads what the previous one wrote
+    assert by_stage["curate"][2] > 0                          # French pages and boilerplate are dropped
+    tokens = catalog_rows(built, "select split, sum(len(tokens)) from token_shards group by split order by split")
+    assert [t[0] for t in tokens] == ["train", "val"] and all(t[1] > 0 for t in tokens)
+
+
+def test_mlflow_shows_nested_stage_runs_and_the_loss_curve(built):
+    client = MlflowClient(f"sqlite:///{built / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][-1]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["lmforge.stage"] for r in children) == sorted(STAGES)
+    pretrain = next(r for r in children if r.data.tags["lmforge.stage"] == "pretrain")
+    losses = [m.value for m in client.get_metric_history(pretrain.info.run_id, "loss")]
+    assert len(losses) >= 5 and losses[-1] < losses[0]
+    assert client.get_metric_history(pretrain.info.run_id, "val_ppl")
+    assert {a.path for a in client.list_artifacts(pretrain.info.run_id)} >= {"model", "samples.txt"}
+
+
+def test_curate_funnel_is_a_prefect_table_artifact(built):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-stats"])))
+    assert artifacts and artifacts[0].type == "table"
+    table = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
+    assert any(row["counter"].startswith("funnel/") for row in table)
+
+
+def test_a_recipe_switch_trains_bert_on_the_same_shards(recipe, built, cli):
+    out = cli(["run", str(recipe), "-w", str(built), "--set", "pretrain.model.preset=bert-nano",
+               "--set", "pretrain.model.arch=bert"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert run_statuses(out.stdout) == {**{s: "cached" for s in STAGES[:-1]}, "pretrain": "built"}
+    bert_dirs = [p for p in (built / "stages/pretrain").iterdir() if json.loads(
+        (p / "model/config.json").read_text()).get("arch") == "bert"]
+    assert len(bert_dirs) == 1

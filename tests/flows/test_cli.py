@@ -132,6 +132,20 @@ def wait_for_parquet_in_temp_dir(ws: Path, proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"the stage never started writing (exit {proc.poll()})")
 
 
+def big_recipe(tmp_path: Path, shared_data: Path) -> Path:
+    data = big_jsonl(tmp_path / "big.jsonl", shared_data, copies=40)
+    return write_recipe(tmp_path / "big.yaml", {"name": "big", "ingest": {"sources": [
+        {"name": "plays", "kind": "jsonl", "paths": [str(data)]}]}})
+
+
+def start_run_and_wait_for_output(recipe: Path, ws: Path) -> subprocess.Popen:
+    """`lmforge run` in its own process group, returned once the stage is writing into its temp dir."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe), "-w", str(ws)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_parquet_in_temp_dir(ws, proc)
+    return proc
+
+
 def output_hashes(ws: Path) -> dict[str, str]:
     stage = next(p for p in (ws / "stages/ingest").iterdir() if ".tmp-" not in p.name)
     success = json.loads((stage / "_SUCCESS.json").read_text())
@@ -139,13 +153,9 @@ def output_hashes(ws: Path) -> dict[str, str]:
 
 
 def test_sigkill_mid_stage_leaves_nothing_read_and_rerun_is_byte_identical(tmp_path, shared_data, cli):
-    data = big_jsonl(tmp_path / "big.jsonl", shared_data, copies=40)
-    recipe = write_recipe(tmp_path / "big.yaml", {"name": "big", "ingest": {"sources": [
-        {"name": "plays", "kind": "jsonl", "paths": [str(data)]}]}})
+    recipe = big_recipe(tmp_path, shared_data)
     ws = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe), "-w", str(ws)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    wait_for_parquet_in_temp_dir(ws, proc)
+    proc = start_run_and_wait_for_output(recipe, ws)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not [p for p in (ws / "stages/ingest").iterdir() if ".tmp-" not in p.name]   # nothing committed
@@ -164,13 +174,9 @@ def test_sigkill_mid_stage_leaves_nothing_read_and_rerun_is_byte_identical(tmp_p
 
 
 def test_sigterm_ends_runs_killed_not_running(tmp_path, shared_data, cli):
-    data = big_jsonl(tmp_path / "big.jsonl", shared_data, copies=40)
-    recipe = write_recipe(tmp_path / "big.yaml", {"name": "big", "ingest": {"sources": [
-        {"name": "plays", "kind": "jsonl", "paths": [str(data)]}]}})
+    recipe = big_recipe(tmp_path, shared_data)
     ws = tmp_path / "ws"
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe), "-w", str(ws)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_parquet_in_temp_dir(ws, proc)
+    proc = start_run_and_wait_for_output(recipe, ws)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert catalog_rows(ws, "select status from pipeline_runs") == [("killed",)]

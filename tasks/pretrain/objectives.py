@@ -74,8 +74,9 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay); the fused CUDA kernel on GPU, the multi-tensor one on CPU."""
-    fused = device.type == "cuda"
+    """AdamW (decoupled weight decay) with the fused kernel: on CUDA, and on CPU too, where it is
+    4x faster than the multi-tensor one (a 10M-parameter step: 9 ms against 39-60 ms here)."""
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(optimizer_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
                              eps=optim.eps, fused=fused or None, foreach=None if fused else True)
 

@@ -44,15 +44,21 @@ class MetricsLog:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
                  if key in MLFLOW_KEYS and value is not None and math.isfinite(value)]
-        self.client.log_batch(self.run_id, metrics=batch)
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as exc:   # a tracking hiccup must not cost the training run; metrics.jsonl has it all
+            note(f"step {step}: could not log to MLflow ({type(exc).__name__}: {exc})")
 
     def log_artifacts(self, model_dir: Path, samples: Path | None) -> None:
         """The final weights (as `model/`) and the samples file, into the stage's run."""
         if self.client is None:
             return
-        self.client.log_artifacts(self.run_id, str(model_dir), artifact_path="model")
-        if samples is not None and samples.exists():
-            self.client.log_artifact(self.run_id, str(samples))
+        try:
+            self.client.log_artifacts(self.run_id, str(model_dir), artifact_path="model")
+            if samples is not None and samples.exists():
+                self.client.log_artifact(self.run_id, str(samples))
+        except Exception as exc:   # the stage output holds the same files
+            note(f"could not log artifacts to MLflow ({type(exc).__name__}: {exc})")
 
 
 def _mlflow_client(tracking_uri: str) -> Any:

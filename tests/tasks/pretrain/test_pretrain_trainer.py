@@ -80,3 +80,12 @@ def test_finished_run_writes_model_samples_and_summary(tmp_path: Path, shards: P
     assert {"val_loss", "val_ppl"} <= metrics[-1].keys() and metrics[-1]["step"] == 10
     config = json.loads((run_dir / "model" / "config.json").read_text())
     assert config["arch"] == "gpt" and config["vocab_size"] == sf.VOCAB_SIZE
+
+
+def test_an_mlflow_failure_does_not_stop_training_metrics(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from tasks.pretrain.reporting import MetricsLog
+
+    log = MetricsLog(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "no-such-run")
+    log.log(1, {"loss": 5.5, "lr": 1e-3})
+    assert sf.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 5.5, "lr": 1e-3}]
+    assert "step 1: could not log to MLflow" in capfd.readouterr().err

@@ -11,21 +11,11 @@ import json
 import re
 from pathlib import Path
 
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# tests/conftest.py puts tests/ on sys.path, so `import tasks` can yield a namespace package made of
-# tests/tasks/, in which this folder (no __init__.py) would pass for `tasks.pretrain`. Put the repo
-# root on sys.path and drop such namespace modules, so the real, regular package is imported.
-# Import this module before anything from `tasks`.
 REPO_ROOT = Path(__file__).resolve().parents[3]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-for _name in ("tasks.pretrain", "tasks"):
-    if _name in sys.modules and getattr(sys.modules[_name], "__file__", None) is None:
-        del sys.modules[_name]
 
 SPECIALS = {"<|endoftext|>": 256, "[CLS]": 257, "[SEP]": 258, "[MASK]": 259, "[PAD]": 260, "[UNK]": 261}
 VOCAB_SIZE = 262

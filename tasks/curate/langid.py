@@ -157,8 +157,24 @@ BACKENDS: dict[str, type[LanguageBackend]] = {
 }
 
 
+BACKEND_MODULES = {"langid": "langid", "pycld2": "pycld2", "lingua": "lingua", "fasttext": "fasttext"}
+
+
+def require_backend_module(name: str) -> None:
+    """Fails when the step is built, not on every document, if the backend's package is missing."""
+    from importlib.util import find_spec
+
+    module = BACKEND_MODULES[name]
+    if find_spec(module) is None:
+        from storage.stage import StageError
+
+        raise StageError(f"curate: language.backend={name!r} needs the Python package {module!r}, "
+                         "which is not installed (pip install lmforge again, or choose another backend)")
+
+
 def make_backend(name: str, model_path: Path | None = None) -> LanguageBackend:
     """The backend called `name`; `fasttext` needs `model_path`."""
+    require_backend_module(name)
     if name == "fasttext":
         if model_path is None:
             raise ValueError("language.model_path is required for the fasttext backend (a local lid.176.bin)")

@@ -243,6 +243,8 @@ class FunnelFilter(BaseFilter):
     def filter(self, doc: DtDocument) -> bool | tuple[bool, str]:
         try:
             return self.inner.filter(doc)
+        except ImportError:
+            raise  # a missing package is the installation's fault, not this document's
         except Exception as err:  # one bad document must not fail the rank
             logger.warning(f"{self.label}: {type(err).__name__} on document {doc.id}: {err}")
             self.problems.add(self._rank, doc.id, f"{self.label}_error", f"{type(err).__name__}: {err}")

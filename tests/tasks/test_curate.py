@@ -477,3 +477,13 @@ def test_two_workers_from_a_prefect_task(prefect_api, curated, real_input, tmp_p
     stats = curate_flow(str(tmp_path))
     assert stats["docs_out"] == len(output_docs(reference.output)) > 0
     assert _file_bytes(tmp_path / "prefect" / "out") == _file_bytes(reference.output)
+
+
+def test_a_missing_language_backend_fails_when_the_step_is_built(monkeypatch):
+    """Not on every document: a missing package must not silently drop the whole corpus."""
+    from storage.stage import StageError
+    from tasks.curate import langid
+
+    monkeypatch.setitem(langid.BACKEND_MODULES, "pycld2", "no_such_language_package")
+    with pytest.raises(StageError, match="language.backend='pycld2' needs the Python package 'no_such_language_package'"):
+        langid.make_backend("pycld2")

@@ -59,6 +59,10 @@ def select_stages(config: PipelineConfig, only: list[str] | None, until: str | N
     selected = [s for s in enabled if not only or s in only]
     if until:
         selected = [s for s in selected if enabled.index(s) <= enabled.index(until)]
+    unselected_forced = [s for s in force or [] if s not in selected]
+    if unselected_forced:
+        raise StageSelectionError(f"--force {', '.join(unselected_forced)}: not among the stages this run executes "
+                                  f"({', '.join(selected)})")
     return selected
 
 
@@ -149,11 +153,11 @@ def pid_alive(pid: int) -> bool:
 
 def mark_dead_runs(catalog: Catalog, tracker: Tracker) -> None:
     """Runs whose process on this host is gone (SIGKILL) are marked killed, in the catalog and MLflow."""
-    for run_id, pid, _ in catalog.running_pipelines():
-        if pid is not None and not pid_alive(pid):
+    host = socket.gethostname()
+    for run_id, pid, run_host in catalog.running_pipelines():
+        if run_host == host and pid is not None and not pid_alive(pid):
             catalog.finish_pipeline(run_id, "killed")
             catalog.mark_stale_stages(run_id, "killed")
-    host = socket.gethostname()
     tracker.mark_dead_runs(lambda tags: tags.get("lmforge.host") == host and "lmforge.pid" in tags
                            and not pid_alive(int(tags["lmforge.pid"])))
 

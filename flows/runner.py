@@ -40,10 +40,19 @@ def outcome(stage: PlannedStage, workspace: Workspace, run_id: str, cached: bool
 
 
 def execute_stage(stage: PlannedStage, info: RunInfo, force: bool) -> dict[str, Any]:
-    """Runs the stage unless its output is fresh (or forced); returns its outcome."""
+    """Runs the stage unless its output is fresh (or forced); returns its outcome.
+
+    The stage lock makes a second pipeline that needs the same output wait, then reuse it.
+    """
     ws = info.workspace
-    if not force and is_fresh(ws, stage.name, stage.fingerprint, stage.input_digests):
-        return outcome(stage, ws, info.run_id, cached=True)
+    with ws.lock(stage.name, stage.fingerprint):
+        if not force and is_fresh(ws, stage.name, stage.fingerprint, stage.input_digests):
+            return outcome(stage, ws, info.run_id, cached=True)
+        _build(stage, info)
+    return outcome(stage, ws, info.run_id, cached=False)
+
+
+def _build(stage: PlannedStage, info: RunInfo) -> None:
     started = time.time()
     mlflow_run_id = _start_stage_records(stage, info)
     ctx = _make_context(stage, info, mlflow_run_id)
@@ -55,17 +64,27 @@ def execute_stage(stage: PlannedStage, info: RunInfo, force: bool) -> dict[str, 
         _fail_stage_records(stage, info, mlflow_run_id, err, time.time() - started)
         raise
     _finish_stage_records(stage, info, mlflow_run_id, result, time.time() - started)
-    return outcome(stage, ws, info.run_id, cached=False)
 
 
 def _make_context(stage: PlannedStage, info: RunInfo, mlflow_run_id: str) -> StageContext:
     ws = info.workspace
     ws.clean_temp_dirs(stage.name, stage.fingerprint)
-    scratch = ws.scratch_dir(stage.name, stage.fingerprint)
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = _scratch_for_inputs(ws.scratch_dir(stage.name, stage.fingerprint), stage.input_digests)
     inputs = {key: ws.stage_dir(up, stage.input_fingerprints[key]) for key, up in stage.inputs.items()}
     return StageContext(stage.name, stage.fingerprint, ws.new_temp_dir(stage.name, stage.fingerprint), scratch,
                         inputs, ws.root, info.seed, info.tracker.uri, mlflow_run_id)
+
+
+def _scratch_for_inputs(scratch: Path, input_digests: dict[str, str]) -> Path:
+    """Resume state is kept only if it was made from the same upstream outputs as now."""
+    import json
+
+    marker = scratch / "_inputs.json"
+    if marker.is_file() and json.loads(marker.read_text()) != input_digests:
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(input_digests, sort_keys=True))
+    return scratch
 
 
 def _commit(stage: PlannedStage, info: RunInfo, ctx: StageContext, result: StageResult, wall_s: float) -> None:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from storage.telemetry import TELEMETRY_OFF
-from storage.tracking import artifact_location, tracking_uri
+from storage.tracking import artifact_location, redact_uri, tracking_uri
 from storage.workspace import Workspace
 
 
@@ -27,7 +27,7 @@ def serve_uis(ws: Workspace, host: str, prefect_port: int, mlflow_port: int) -> 
     procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in ui_commands(ws, host, prefect_port, mlflow_port).items()}
     print(f"Prefect UI: http://{host}:{prefect_port}   (set PREFECT_API_URL=http://{host}:{prefect_port}/api "
           "before `lmforge run` to see runs there)")
-    print(f"MLflow UI:  http://{host}:{mlflow_port}   (tracking store: {tracking_uri(ws.root)})")
+    print(f"MLflow UI:  http://{host}:{mlflow_port}   (tracking store: {redact_uri(tracking_uri(ws.root))})")
     try:
         while all(p.poll() is None for p in procs.values()):
             time.sleep(1)

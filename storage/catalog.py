@@ -14,7 +14,7 @@ import duckdb
 SCHEMA = """
 create table if not exists pipeline_runs (
     run_id varchar primary key, recipe_name varchar, started_at timestamptz, finished_at timestamptz,
-    status varchar, pid integer, mlflow_run_id varchar, prefect_flow_run_id varchar, config json
+    status varchar, pid integer, mlflow_run_id varchar, prefect_flow_run_id varchar, config json, host varchar
 );
 create table if not exists stage_runs (
     run_id varchar, stage varchar, fingerprint varchar, status varchar, cached boolean,
@@ -25,11 +25,12 @@ create table if not exists stage_stats (
     fingerprint varchar, stage varchar, name varchar, value double, primary key (fingerprint, stage, name)
 );
 """
-OPEN_RETRIES = 50
-# Views over the workspace's Parquet outputs, so one query can join counters and data.
+OPEN_RETRIES = 300   # ~30 s of backoff: writers and the query copy hold the lock for milliseconds
+TABLES = ("pipeline_runs", "stage_runs", "stage_stats")
+# Views over the workspace's committed Parquet outputs, so one query can join counters and data.
 OUTPUT_VIEWS = {
-    "documents": ["stages/ingest/*/**/*.parquet", "stages/curate/*/**/*.parquet", "stages/dedup/*/**/*.parquet"],
-    "token_shards": ["stages/shard/*/shards/*.parquet"],
+    "documents": (("ingest", "curate", "dedup"), "**/*.parquet"),
+    "token_shards": (("shard",), "shards/*.parquet"),
 }
 
 
@@ -37,17 +38,27 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def committed_output_globs(root: Path, stages: tuple[str, ...], pattern: str) -> list[str]:
+    """Parquet globs of the stage outputs that have `_SUCCESS.json` (a crashed attempt is never read)."""
+    globs = []
+    for stage in stages:
+        for success in sorted(root.glob(f"stages/{stage}/*/_SUCCESS.json")):
+            if any(success.parent.glob(pattern)):
+                globs.append(str(success.parent / pattern))
+    return globs
+
+
 def create_output_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     """`documents` and `token_shards` views, with `stage` and `fingerprint` columns parsed from each path."""
-    for view, patterns in OUTPUT_VIEWS.items():
-        globs = [str(root / p) for p in patterns if any(root.glob(p))]
+    for view, (stages, pattern) in OUTPUT_VIEWS.items():
+        globs = committed_output_globs(root, stages, pattern)
         if not globs:
             continue
         con.execute(f"""create or replace temp view {view} as
             select *, split_part(split_part(filename, '/stages/', 2), '/', 1) as stage,
                       split_part(split_part(filename, '/stages/', 2), '/', 2) as fingerprint
             from read_parquet({globs!r}, filename = true, union_by_name = true)
-            where filename not like '%.tmp-%' and filename not like '%/excluded/%'""")
+            where filename not like '%/excluded/%'""")
 
 
 class Catalog:
@@ -76,18 +87,22 @@ class Catalog:
 
     def start_pipeline(self, run_id: str, recipe_name: str, pid: int, config_json: str,
                        mlflow_run_id: str | None, prefect_flow_run_id: str | None) -> None:
+        import socket
+
         with self.connect() as con:
-            con.execute("insert into pipeline_runs values (?, ?, ?, null, 'running', ?, ?, ?, ?)",
-                        [run_id, recipe_name, utcnow(), pid, mlflow_run_id, prefect_flow_run_id, config_json])
+            con.execute("insert into pipeline_runs (run_id, recipe_name, started_at, status, pid, mlflow_run_id, "
+                        "prefect_flow_run_id, config, host) values (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                        [run_id, recipe_name, utcnow(), pid, mlflow_run_id, prefect_flow_run_id, config_json,
+                         socket.gethostname()])
 
     def finish_pipeline(self, run_id: str, status: str) -> None:
         with self.connect() as con:
             con.execute("update pipeline_runs set status = ?, finished_at = ? where run_id = ?", [status, utcnow(), run_id])
 
     def running_pipelines(self) -> list[tuple[str, int | None, str | None]]:
-        """(run_id, pid, mlflow_run_id) of runs still marked running."""
+        """(run_id, pid, host) of runs still marked running."""
         with self.connect() as con:
-            return con.execute("select run_id, pid, mlflow_run_id from pipeline_runs where status = 'running'").fetchall()
+            return con.execute("select run_id, pid, host from pipeline_runs where status = 'running'").fetchall()
 
     def record_stage(self, row: dict[str, Any]) -> None:
         columns = ["run_id", "stage", "fingerprint", "status", "cached", "started_at", "finished_at", "wall_s",
@@ -108,13 +123,35 @@ class Catalog:
                 con.executemany("insert into stage_stats values (?, ?, ?, ?)",
                                 [[fingerprint, stage, name, float(value)] for name, value in sorted(stats.items())])
 
+    def _copy_tables_into(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Attaches the file read-only just long enough to copy its tables (retrying while it is locked)."""
+        path = str(self.path).replace("'", "''")
+        for attempt in range(OPEN_RETRIES):
+            try:
+                con.execute(f"attach '{path}' as catalog_file (read_only)")
+                break
+            except duckdb.IOException as err:
+                if "lock" not in str(err).lower() or attempt == OPEN_RETRIES - 1:
+                    raise
+                time.sleep(0.05 + random.random() * 0.1)
+        try:
+            for table in TABLES:
+                con.execute(f"create table {table} as select * from catalog_file.{table}")
+        finally:
+            con.execute("detach catalog_file")
+
     def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Runs read-only SQL, with the workspace's Parquet outputs as views; returns column names and rows."""
-        with self.connect(read_only=True) as con:
+        """Runs SQL on an in-memory copy of the catalog (a long query never blocks a running pipeline),
+        with the workspace's committed Parquet outputs as views; returns column names and rows."""
+        con = duckdb.connect()
+        try:
+            self._copy_tables_into(con)
             create_output_views(con, self.path.parent)
             cursor = con.execute(sql)
             names = [d[0] for d in cursor.description] if cursor.description else []
             return names, cursor.fetchall()
+        finally:
+            con.close()
 
 
 def _update_stage(con: duckdb.DuckDBPyConnection, run_id: str, stage: str, values: dict[str, Any]) -> None:

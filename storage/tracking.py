@@ -13,7 +13,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from storage.telemetry import TELEMETRY_OFF, disable_telemetry  # noqa: F401  (re-exported)
 
 MAX_PARAM_LENGTH = 6000
-SECRET_MARKERS = ("password", "secret", "token_key", "api_key", "apikey", "credential", "access_key")
+SECRET_NAMES = {"password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "secret_key",
+                "credentials", "credential", "auth"}
+SECRET_SUFFIXES = ("_password", "_secret", "_token", "_api_key", "_access_key", "_secret_key")
 
 
 def tracking_uri(workspace: Path) -> str:
@@ -25,18 +27,39 @@ def artifact_location(workspace: Path) -> str:
     return (Path(workspace) / "mlartifacts").as_uri()
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{'a': {'b': 1}} -> {'a.b': '1'}; values that look like secrets are masked."""
+def is_secret_key(name: str) -> bool:
+    """True for a dotted key whose last segment names a credential (`hf_token`, `db.password`, ...)."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return last in SECRET_NAMES or last.endswith(SECRET_SUFFIXES)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': [1]}} -> {'a.b.0': '1'}; values under credential-like keys are masked."""
+    if isinstance(config, Mapping):
+        items = [(f"{prefix}{key}", value) for key, value in config.items()]
+    else:
+        items = [(f"{prefix}{index}", value) for index, value in enumerate(config)]
     flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        elif any(marker in name.lower() for marker in SECRET_MARKERS):
+    for name, value in items:
+        if is_secret_key(name):
             flat[name] = "***"
+        elif isinstance(value, (Mapping, list, tuple)) and value:
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = str(value)[:MAX_PARAM_LENGTH]
     return flat
+
+
+def redact_uri(uri: str) -> str:
+    """`postgresql://user:pw@host/db` -> `postgresql://user:***@host/db`, for printing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Tracker:

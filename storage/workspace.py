@@ -1,6 +1,7 @@
 """The workspace on disk: stage directories, atomic commits, `_SUCCESS.json`."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -8,6 +9,8 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,21 +109,39 @@ class Workspace:
         return tmp
 
     def commit(self, stage: str, fingerprint: str, tmp: Path, record: dict[str, Any]) -> Path:
-        """fsync `tmp`, rename it into place, then write `_SUCCESS.json` last; returns the final dir."""
+        """fsync `tmp`, rename it into place, then write `_SUCCESS.json` last; returns the final dir.
+
+        An older output of the same fingerprint (`--force`) is first renamed aside to a `*.tmp-old-*`
+        name that readers ignore, so no moment exists where `_SUCCESS.json` stands beside missing files.
+        """
         final = self.stage_dir(stage, fingerprint)
         files = [
             {"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.rglob("*")) if p.is_file()
         ]
         _fsync_tree(tmp)
-        if final.exists():  # an earlier attempt renamed but died before _SUCCESS.json: it is not done
-            shutil.rmtree(final)
+        old = final.with_name(f"{fingerprint}.tmp-old-{secrets.token_hex(4)}")
+        if final.exists():
+            os.rename(final, old)
         os.rename(tmp, final)
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         success = {**record, "stage": stage, "fingerprint": fingerprint, "files": files, "output_digest": digest,
                    "lmforge_version": lmforge_version(), "git_commit": git_commit(), "committed_at": time.time()}
         _write_json_atomic(final / SUCCESS_FILE, success)
+        shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @contextmanager
+    def lock(self, stage: str, fingerprint: str) -> Iterator[None]:
+        """Only one process at a time builds a given stage output (others wait, then find it done)."""
+        path = self.stage_dir(stage, fingerprint).with_name(f"{fingerprint}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def invalidate(self, stage: str, fingerprint: str) -> None:
         """Forget a finished stage (for `--force`): remove its `_SUCCESS.json` first, then its files."""

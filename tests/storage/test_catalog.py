@@ -19,7 +19,9 @@ def test_catalog_tables_and_stats_replace(tmp_path):
     assert rows == [("docs_in", 4.0), ("docs_out", 4.0)]
     _, rows = catalog.query("select status, cached, wall_s from stage_runs")
     assert rows == [("finished", False, 1.5)]
-    assert catalog.running_pipelines() == [("r1", 123, None)]
+    import socket
+
+    assert catalog.running_pipelines() == [("r1", 123, socket.gethostname())]
     catalog.finish_pipeline("r1", "finished")
     assert catalog.running_pipelines() == []
 
@@ -44,7 +46,10 @@ def test_documents_view_reads_committed_outputs_only(tmp_path):
     catalog = Catalog(tmp_path / "catalog.duckdb")
     with DocumentWriter(tmp_path / "stages/ingest/abc/src") as writer:
         writer.write_all(Document(f"d{i}", "text", "src") for i in range(3))
+    (tmp_path / "stages/ingest/abc/_SUCCESS.json").write_text("{}")
     with DocumentWriter(tmp_path / "stages/ingest/abc.tmp-1234/src") as writer:
         writer.write(Document("half", "written", "src"))
+    with DocumentWriter(tmp_path / "stages/ingest/crashed/src") as writer:   # renamed, no _SUCCESS.json yet
+        writer.write(Document("not", "done", "src"))
     _, rows = catalog.query("select stage, fingerprint, count(*) from documents group by all")
     assert rows == [("ingest", "abc", 3)]

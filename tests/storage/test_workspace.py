@@ -52,3 +52,27 @@ def test_document_writer_rolls_files_and_reader_skips_temp_dirs(tmp_path):
     (tmp_path / "out" / "x.tmp-1234").mkdir()
     (tmp_path / "out" / "x.tmp-1234" / "junk.parquet").write_bytes(b"junk")
     assert count_documents(tmp_path / "out") == 50
+
+
+def test_the_stage_lock_excludes_a_second_holder(tmp_path):
+    import fcntl
+
+    import pytest
+
+    ws = Workspace.at(tmp_path)
+    with ws.lock("s", "fp"):
+        with open(ws.stage_dir("s", "fp").with_name("fp.lock")) as other:   # a second open file, as another process has
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(ws.stage_dir("s", "fp").with_name("fp.lock")) as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)   # free again
+
+
+def test_recommit_replaces_the_old_output_and_leaves_nothing_aside(tmp_path):
+    ws = Workspace.at(tmp_path)
+    for content in ("old", "new"):
+        tmp = ws.new_temp_dir("s", "fp")
+        (tmp / "data.txt").write_text(content)
+        ws.commit("s", "fp", tmp, {})
+    assert (ws.stage_dir("s", "fp") / "data.txt").read_text() == "new"
+    assert [p.name for p in ws.stage_dir("s", "fp").parent.iterdir() if ".tmp-" in p.name] == []

@@ -93,6 +93,9 @@ class Workspace:
     def scratch_dir(self, stage: str, fingerprint: str) -> Path:
         return self.root / "scratch" / stage / fingerprint
 
+    def lock_path(self, stage: str, fingerprint: str) -> Path:
+        return self.root / "locks" / f"{stage}-{fingerprint}.lock"
+
     def is_done(self, stage: str, fingerprint: str) -> bool:
         """A stage is done if and only if its `_SUCCESS.json` exists."""
         return (self.stage_dir(stage, fingerprint) / SUCCESS_FILE).is_file()
@@ -134,7 +137,7 @@ class Workspace:
     @contextmanager
     def lock(self, stage: str, fingerprint: str) -> Iterator[None]:
         """Only one process at a time builds a given stage output (others wait, then find it done)."""
-        path = self.stage_dir(stage, fingerprint).with_name(f"{fingerprint}.lock")
+        path = self.lock_path(stage, fingerprint)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -92,7 +92,7 @@ def assert_mlflow_parent_with_nested_stage_runs(ws: Path) -> None:
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {p.info.run_id for p in parents}
     assert all(r.info.status == "FINISHED" for r in runs)
     built = [c for c in children if c.data.tags["lmforge.cached"] == "false"][0]
-    assert built.data.metrics["docs_out"] == 48 and built.data.params["sources"]
+    assert built.data.metrics["docs_out"] == 48 and built.data.params["sources.0.name"] == "dolma"
     assert built.data.tags["lmforge.fingerprint"] == next((ws / "stages/ingest").iterdir()).name
 
 

@@ -61,10 +61,10 @@ def test_the_stage_lock_excludes_a_second_holder(tmp_path):
 
     ws = Workspace.at(tmp_path)
     with ws.lock("s", "fp"):
-        with open(ws.stage_dir("s", "fp").with_name("fp.lock")) as other:   # a second open file, as another process has
+        with open(ws.lock_path("s", "fp")) as other:   # a second open file, as another process has
             with pytest.raises(BlockingIOError):
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    with open(ws.stage_dir("s", "fp").with_name("fp.lock")) as other:
+    with open(ws.lock_path("s", "fp")) as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)   # free again
 
 

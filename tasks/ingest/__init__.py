@@ -7,6 +7,7 @@ file, `bad/<source>/<file>/<reason>`, and listed in `_SUCCESS.json` (`bad_inputs
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,22 @@ def _reject(source: SourceBase, item: Rejected, result: StageResult) -> None:
     if item.is_record:
         result.count("docs_in")
         result.count(f"dropped/ingest/{item.reason}")
-    result.count(f"bad/{source.name}/{Path(item.path).name}/{item.reason}")
+    result.count(f"bad/{source.name}/{item.label or Path(item.path).name}/{item.reason}")
     result.bad(item.path, item.reason, item.detail, item.where)
     result.bad_inputs[-1]["source"] = source.name
 
 
+def file_labels(files: list[Path]) -> dict[Path, str]:
+    """How each file is named in ids and stats: its name, or, when names repeat, its path below the common folder."""
+    names = [p.name for p in files]
+    if len(set(names)) == len(names):
+        return {p: p.name for p in files}
+    base = Path(os.path.commonpath([p.parent for p in files]))
+    return {p: p.relative_to(base).as_posix() for p in files}
+
+
 def _items(source: SourceBase, result: StageResult) -> Iterator[Document | Rejected]:
+    """Every Document and Rejected of one source, file after file."""
     if isinstance(source, WikiOfflineSource):
         yield from read_wiki_offline(source)
         return
@@ -111,8 +122,17 @@ def _items(source: SourceBase, result: StageResult) -> Iterator[Document | Rejec
     files, missing = resolve_paths(source.paths)
     for pattern in missing:
         yield Rejected("missing_file", pattern, None, "no file matches", is_record=False)
+    labels = file_labels(files)
     for path in files:
-        try:
-            yield from read_source_file(source, path)
-        except OSError as err:
-            yield Rejected("unreadable_file", str(path), None, str(err), is_record=False)
+        yield from _file_items(source, path, labels[path])
+
+
+def _file_items(source: FileSource, path: Path, label: str) -> Iterator[Document | Rejected]:
+    """One file's Documents and Rejected, the latter tagged with the file's label."""
+    try:
+        for item in read_source_file(source, path, label):
+            if isinstance(item, Rejected):
+                item.label = label
+            yield item
+    except OSError as err:
+        yield Rejected("unreadable_file", str(path), None, str(err), is_record=False, label=label)

@@ -1,14 +1,32 @@
 """Ingest recipe: a list of sources, each a kind with its own options."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from storage.configbase import StrictModel
 
-SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="letters, digits, _ . -")]
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
+RESERVED_SOURCE_NAMES = frozenset({"excluded"})
+
+
+def _check_source_name(name: str) -> str:
+    """A source name is a folder name in the output: no '.', '..', '.tmp-' part or reserved name."""
+    if not SOURCE_NAME.match(name):
+        raise ValueError(f"source name {name!r}: use letters, digits, _ and -, in parts joined by single dots "
+                         "(not starting with '.' or '-', not ending with '.')")
+    if ".tmp-" in name:
+        raise ValueError(f"source name {name!r}: must not contain '.tmp-' (readers hide such folders)")
+    if name in RESERVED_SOURCE_NAMES:
+        raise ValueError(f"source name {name!r} is reserved")
+    return name
+
+
+SourceName = Annotated[str, AfterValidator(_check_source_name),
+                       Field(description="letters, digits, _ and -, in parts joined by dots")]
 
 
 class SourceBase(StrictModel):

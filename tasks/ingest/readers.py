@@ -17,6 +17,7 @@ from tasks.ingest.config import HfSource, JsonlSource, ParquetSource, SourceBase
 from tasks.ingest.warc import Corruption, iter_warc, parse_http_response
 
 BINARY_SNIFF_BYTES = 8192
+READ_SIZE = 1 << 20
 CHARSET_IN_CONTENT_TYPE = re.compile(r"charset=[\"']?([A-Za-z0-9_.:-]+)", re.I)
 CHARSET_IN_META = re.compile(rb"<meta[^>]+charset=[\"']?([A-Za-z0-9_.:-]+)", re.I)
 
@@ -30,6 +31,7 @@ class Rejected:
     where: str | None = None
     detail: str = ""
     is_record: bool = True   # False: a file-level problem (missing, empty, binary), not a document
+    label: str = ""          # the file's name within its source (set by ingest); "" means the path's name
 
 
 Item = Document | Rejected
@@ -50,13 +52,53 @@ def looks_binary(path: Path) -> bool:
 
 
 def open_maybe_compressed(path: Path) -> io.BufferedIOBase:
+    """Opens a plain or .gz file for binary reading (.zst goes through `iter_lines`)."""
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
-    if path.name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
     return open(path, "rb")
+
+
+def iter_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines, decompressed on the fly; EOFError/OSError/zlib.error if the compressed data ends early."""
+    if path.name.endswith(".zst"):
+        yield from split_lines(zstd_blocks(path))
+        return
+    with open_maybe_compressed(path) as handle:
+        yield from handle
+
+
+def zstd_blocks(path: Path) -> Iterator[bytes]:
+    """Inflates every frame of a .zst file chunk by chunk; EOFError if it ends inside a frame."""
+    import zstandard
+
+    inflater, pending = zstandard.ZstdDecompressor().decompressobj(), False
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_SIZE):
+            while chunk:
+                try:
+                    yield inflater.decompress(chunk)
+                except zstandard.ZstdError as err:
+                    raise OSError(f"corrupt zstd data: {err}") from err
+                chunk, pending = (inflater.unused_data, False) if inflater.eof else (b"", True)
+                if inflater.eof:
+                    inflater = zstandard.ZstdDecompressor().decompressobj()
+    if pending:
+        raise EOFError("file ends inside a zstd frame")
+
+
+def split_lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """Re-cuts byte blocks into lines, each ending with b"\\n" except perhaps the last."""
+    pending = bytearray()
+    for block in blocks:
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            pending += block[start:end + 1]
+            yield bytes(pending)
+            pending.clear()
+            start = end + 1
+        pending += block[start:]
+    if pending:
+        yield bytes(pending)
 
 
 # --- warc -----------------------------------------------------------------------------------------
@@ -96,7 +138,7 @@ def _uncompress_body(body: bytes, encoding: str) -> bytes:
     return body
 
 
-def read_warc(source: WarcSource, path: Path) -> Iterator[Item]:
+def read_warc(source: WarcSource, path: Path, label: str) -> Iterator[Item]:
     """HTTP 200 responses with an HTML content type; the HTML is kept for curate's extractor."""
     for record in iter_warc(path):
         if isinstance(record, Corruption):
@@ -125,26 +167,27 @@ def read_warc(source: WarcSource, path: Path) -> Iterator[Item]:
         html, invalid = _decode_html(body, charset)
         if invalid:
             yield Rejected("invalid_utf8", str(path), where, f"declared charset {charset}", is_record=False)
-        record_id = record.headers.get("warc-record-id", f"{path.name}:{record.offset}").strip("<>")
+        record_id = record.headers.get("warc-record-id", f"{label}:{record.offset}").strip("<>")
         url = record.headers.get("warc-target-uri", "").strip("<>") or None
         metadata = {"content_type": "text/html", "warc_record_id": record_id,
-                    "warc_date": record.headers.get("warc-date"), "http_charset": charset, "file": path.name}
+                    "warc_date": record.headers.get("warc-date"), "http_charset": charset, "file": label}
         yield Document(f"{source.name}/{record_id}", html, source.name, url, metadata)
 
 
 # --- jsonl ----------------------------------------------------------------------------------------
 
-def read_jsonl(source: JsonlSource, path: Path) -> Iterator[Item]:
+def read_jsonl(source: JsonlSource, path: Path, label: str) -> Iterator[Item]:
     """One JSON object a line (.jsonl, .jsonl.gz, .jsonl.zst); the Dolma format works as is."""
-    with open_maybe_compressed(path) as raw:
-        try:
-            for number, line in enumerate(raw, start=1):
-                yield from _jsonl_line(source, path, number, line)
-        except (EOFError, OSError, zlib.error) as err:
-            yield Rejected("truncated_compressed", str(path), "end of file", str(err))
+    number = 0
+    try:
+        for number, line in enumerate(iter_lines(path), start=1):
+            yield from _jsonl_line(source, path, label, number, line)
+    except (EOFError, OSError, zlib.error) as err:
+        yield Rejected("truncated_compressed", str(path), f"after line {number}", str(err))
 
 
-def _jsonl_line(source: JsonlSource, path: Path, number: int, line: bytes) -> Iterator[Item]:
+def _jsonl_line(source: JsonlSource, path: Path, label: str, number: int, line: bytes) -> Iterator[Item]:
+    """One line: a Document, or the Rejected saying why not."""
     where = f"line {number}"
     if not line.strip():
         return
@@ -160,16 +203,16 @@ def _jsonl_line(source: JsonlSource, path: Path, number: int, line: bytes) -> It
         yield Rejected("missing_text_key", str(path), where, f"no string field {source.text_key!r}")
         return
     native_id = row.get(source.id_key) if source.id_key else None
-    doc_id = f"{source.name}/{native_id if native_id is not None else f'{path.name}:{number}'}"
+    doc_id = f"{source.name}/{native_id if native_id is not None else f'{label}:{number}'}"
     url = row.get(source.url_key) if source.url_key else None
     metadata = {k: v for k, v in row.items() if k not in {source.text_key, source.id_key, source.url_key}}
-    metadata["file"] = path.name
+    metadata["file"] = label
     yield Document(doc_id, row[source.text_key], source.name, url, metadata)
 
 
 # --- parquet --------------------------------------------------------------------------------------
 
-def read_parquet(source: ParquetSource, path: Path) -> Iterator[Item]:
+def read_parquet(source: ParquetSource, path: Path, label: str) -> Iterator[Item]:
     """A text column (FineWeb's `text`, `id`, `url` layout works as is); other columns go to metadata."""
     try:
         parquet = pq.ParquetFile(path)
@@ -183,23 +226,24 @@ def read_parquet(source: ParquetSource, path: Path) -> Iterator[Item]:
     try:
         for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
-                yield from _parquet_row(source, path, row_number, row)
+                yield from _parquet_row(source, path, label, row_number, row)
                 row_number += 1
     except Exception as err:
         yield Rejected("corrupt_parquet", str(path), f"row {row_number}", str(err))
 
 
-def _parquet_row(source: ParquetSource, path: Path, number: int, row: dict) -> Iterator[Item]:
+def _parquet_row(source: ParquetSource, path: Path, label: str, number: int, row: dict) -> Iterator[Item]:
+    """One row: a Document, or the Rejected saying why not."""
     text = row.get(source.text_column)
     if not isinstance(text, str):
         yield Rejected("missing_text_key", str(path), f"row {number}", "null or non-string text")
         return
     native_id = row.get(source.id_column) if source.id_column else None
-    doc_id = f"{source.name}/{native_id if native_id is not None else f'{path.name}:{number}'}"
+    doc_id = f"{source.name}/{native_id if native_id is not None else f'{label}:{number}'}"
     url = row.get(source.url_column) if source.url_column else None
     skip = {source.text_column, source.id_column, source.url_column}
     metadata = {k: v for k, v in row.items() if k not in skip and _jsonable(v)}
-    metadata["file"] = path.name
+    metadata["file"] = label
     yield Document(doc_id, text, source.name, url, metadata)
 
 
@@ -213,7 +257,7 @@ def _jsonable(value: object) -> bool:
 
 # --- text -----------------------------------------------------------------------------------------
 
-def read_text(source: TextSource, path: Path) -> Iterator[Item]:
+def read_text(source: TextSource, path: Path, label: str) -> Iterator[Item]:
     """One document per file, or per block of lines separated by blank lines."""
     if looks_binary(path):
         yield Rejected("binary_file", str(path), None, "NUL bytes in the first 8 KiB", is_record=False)
@@ -222,12 +266,13 @@ def read_text(source: TextSource, path: Path) -> Iterator[Item]:
         text, note = decode_text(path.read_bytes(), path, "file")
         if note:
             yield note
-        yield Document(f"{source.name}/{path.name}", text, source.name, None, {"file": path.name})
+        yield Document(f"{source.name}/{label}", text, source.name, None, {"file": label})
         return
-    yield from _text_blocks(source, path)
+    yield from _text_blocks(source, path, label)
 
 
-def _text_blocks(source: TextSource, path: Path) -> Iterator[Item]:
+def _text_blocks(source: TextSource, path: Path, label: str) -> Iterator[Item]:
+    """One Document per run of non-blank lines."""
     block: list[str] = []
     start = number = 0
     with open(path, "rb") as handle:
@@ -239,15 +284,16 @@ def _text_blocks(source: TextSource, path: Path) -> Iterator[Item]:
                 start = start or number
                 block.append(line)
             elif block:
-                yield _block_document(source, path, start, block)
+                yield _block_document(source, label, start, block)
                 block, start = [], 0
     if block:
-        yield _block_document(source, path, start, block)
+        yield _block_document(source, label, start, block)
 
 
-def _block_document(source: TextSource, path: Path, start: int, lines: list[str]) -> Document:
-    return Document(f"{source.name}/{path.name}:{start}", "".join(lines).strip("\n"), source.name, None,
-                    {"file": path.name, "line": start})
+def _block_document(source: TextSource, label: str, start: int, lines: list[str]) -> Document:
+    """The Document for the block of `lines` that starts at line `start`."""
+    return Document(f"{source.name}/{label}:{start}", "".join(lines).strip("\n"), source.name, None,
+                    {"file": label, "line": start})
 
 
 # --- wiki_offline ---------------------------------------------------------------------------------
@@ -315,9 +361,9 @@ def _hf_document(source: HfSource, number: int, row: dict) -> Item:
 FILE_READERS = {"warc": read_warc, "jsonl": read_jsonl, "parquet": read_parquet, "text": read_text}
 
 
-def read_source_file(source: SourceBase, path: Path) -> Iterator[Item]:
-    """Dispatch on the source kind, after the checks every file gets."""
+def read_source_file(source: SourceBase, path: Path, label: str | None = None) -> Iterator[Item]:
+    """Dispatch on the source kind, after the checks every file gets; `label` names the file in ids."""
     if path.stat().st_size == 0:
         yield Rejected("empty_file", str(path), None, "0 bytes", is_record=False)
         return
-    yield from FILE_READERS[source.kind](source, path)
+    yield from FILE_READERS[source.kind](source, path, label or path.name)

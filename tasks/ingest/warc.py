@@ -10,9 +10,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 READ_SIZE = 1 << 20
+FEED_SIZE = 1 << 16     # bytes given to the inflater at once: bounds the copy of `unused_data`
 WARC_START = b"WARC/"
 
 
@@ -36,32 +38,78 @@ class Corruption:
     where: str
 
 
+class _RawStream:
+    """The compressed file read READ_SIZE bytes at a time, with a cursor that only moves forward (or seeks)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        """Starts at the beginning of `handle`."""
+        self.handle, self.chunk, self.pos, self.base = handle, b"", 0, 0
+
+    @property
+    def offset(self) -> int:
+        """File offset of the cursor."""
+        return self.base + self.pos
+
+    def piece(self) -> memoryview:
+        """Up to FEED_SIZE bytes at the cursor, without moving it; empty at end of file."""
+        if self.pos >= len(self.chunk):
+            self.base += len(self.chunk)
+            self.chunk, self.pos = self.handle.read(READ_SIZE), 0
+        return memoryview(self.chunk)[self.pos:self.pos + FEED_SIZE]
+
+    def advance(self, count: int) -> None:
+        """Moves the cursor `count` bytes forward (within the current piece)."""
+        self.pos += count
+
+    def seek(self, offset: int) -> None:
+        """Moves the cursor to file offset `offset`."""
+        self.handle.seek(offset)
+        self.chunk, self.pos, self.base = b"", 0, offset
+
+    def skip_to(self, needle: bytes, start: int) -> None:
+        """Moves the cursor to the first `needle` at or after file offset `start`, else to end of file."""
+        self.handle.seek(start)
+        tail, tail_offset = b"", start
+        while block := self.handle.read(READ_SIZE):
+            data = tail + block
+            index = data.find(needle)
+            if index >= 0:
+                return self.seek(tail_offset + index)
+            keep = min(len(needle) - 1, len(data))
+            tail, tail_offset = data[len(data) - keep:], tail_offset + len(data) - keep
+        self.seek(self.handle.tell())
+
+
 def _gzip_chunks(path: Path) -> Iterator[bytes | Corruption]:
-    """Inflates member after member; a corrupt member becomes a Corruption and we skip to the next."""
-    data = path.read_bytes()
-    offset, member = 0, 0
-    while offset < len(data):
-        inflater = zlib.decompressobj(31)
+    """Inflates member after member, streaming; a corrupt member becomes a Corruption and we skip to the next."""
+    with open(path, "rb") as handle:
+        raw, member = _RawStream(handle), 0
+        while raw.piece():
+            yield from _inflate_member(raw, member)
+            member += 1
+
+
+def _inflate_member(raw: _RawStream, member: int) -> Iterator[bytes | Corruption]:
+    """Yields one member's bytes then b"" (member boundary), or a Corruption; leaves the cursor after it."""
+    start, inflater = raw.offset, zlib.decompressobj(31)
+    while piece := raw.piece():
         try:
-            out = inflater.decompress(data[offset:])
+            out = inflater.decompress(piece)
         except zlib.error as err:
-            yield Corruption("corrupt_gzip", str(err), f"gzip member {member} at byte {offset}")
-            next_start = data.find(GZIP_MAGIC, offset + 1)
-            if next_start < 0:
-                return
-            offset, member = next_start, member + 1
-            continue
-        if not inflater.eof:
-            yield out
-            yield Corruption("truncated_gzip", "file ends inside a gzip member", f"gzip member {member} at byte {offset}")
+            yield Corruption("corrupt_gzip", str(err), f"gzip member {member} at byte {start}")
+            raw.skip_to(GZIP_MAGIC, start + 1)
             return
-        yield out
-        yield b""  # member boundary: lets the parser finish the record it holds
-        offset = len(data) - len(inflater.unused_data)
-        member += 1
+        raw.advance(len(piece) - len(inflater.unused_data))
+        if out:
+            yield out
+        if inflater.eof:
+            yield b""  # member boundary: lets the parser finish the record it holds
+            return
+    yield Corruption("truncated_gzip", "file ends inside a gzip member", f"gzip member {member} at byte {start}")
 
 
 def _plain_chunks(path: Path) -> Iterator[bytes | Corruption]:
+    """The file's bytes, READ_SIZE at a time."""
     with open(path, "rb") as handle:
         while chunk := handle.read(READ_SIZE):
             yield chunk
@@ -109,8 +157,8 @@ def _take_record(buffer: bytearray, number: int) -> WarcRecord | Corruption | No
     """Removes one complete record from the front of `buffer`; None if more bytes are needed."""
     while buffer[:2] in (b"\r\n", b"\n\n") or buffer[:1] == b"\n":
         del buffer[:1]
-    if not buffer:
-        return None
+    if not buffer.strip(b"\r\n"):
+        return None  # only the blank line between records so far (a read ended inside it)
     if not buffer.startswith(WARC_START[: len(buffer)]):
         _resync(buffer)
         return Corruption("corrupt_record", "bytes that are not a WARC header", f"record {number}")

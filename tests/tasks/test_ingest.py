@@ -196,3 +196,102 @@ def test_config_rejects_unknown_keys_and_bad_values():
         IngestConfig.model_validate({"sources": [{"name": "a", "kind": "text", "paths": ["x"], "colour": 1}]})
     with pytest.raises(ValidationError, match="unique"):
         IngestConfig.model_validate({"sources": [{"name": "a", "kind": "wiki_offline"}] * 2})
+
+
+def smallest_response_record(path: Path) -> bytes:
+    """The raw bytes (header, block and blank line) of the smallest response record of a per-record WARC.gz."""
+    import zlib
+
+    data, offset, records = path.read_bytes(), 0, []
+    while offset < len(data):
+        inflater = zlib.decompressobj(31)
+        records.append(inflater.decompress(data[offset:]))
+        offset = len(data) - len(inflater.unused_data)
+    return min((r for r in records if b"WARC-Type: response" in r), key=len)
+
+
+def many_member_warc(src: Path, dst: Path, count: int) -> None:
+    """Writes `count` gzip members, each the same real response record with its own WARC-Record-ID."""
+    import re
+
+    record = smallest_response_record(src)
+    with open(dst, "wb") as out:
+        for number in range(count):
+            unique = re.sub(rb"WARC-Record-ID: <[^>]*>", f"WARC-Record-ID: <urn:uuid:rec-{number}>".encode(), record)
+            out.write(gzip.compress(unique, compresslevel=1))
+
+
+def test_a_warc_gz_of_thousands_of_members_is_read_whole(tmp_path, shared_data):
+    many_member_warc(shared_data / "raw/dolma_wget_sample-0000.warc.gz", tmp_path / "many.warc.gz", 3000)
+    result, docs = ingest(tmp_path, {"name": "w", "kind": "warc", "paths": [str(tmp_path / "many.warc.gz")]})
+    assert len({d.id for d in docs}) == len(docs) == 3000
+    assert not result.bad_inputs
+    assert_funnel_adds_up(result.stats)
+
+
+def test_reading_gzip_members_takes_linear_time(tmp_path, shared_data):
+    import time
+
+    from tasks.ingest.warc import iter_warc
+
+    def best_time(path: Path) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            assert sum(1 for _ in iter_warc(path)) > 0
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    many_member_warc(shared_data / "raw/dolma_wget_sample-0000.warc.gz", tmp_path / "small.warc.gz", 1500)
+    many_member_warc(shared_data / "raw/dolma_wget_sample-0000.warc.gz", tmp_path / "big.warc.gz", 6000)
+    assert best_time(tmp_path / "big.warc.gz") < 6 * best_time(tmp_path / "small.warc.gz")
+
+
+def test_plain_warc_read_in_tiny_chunks_matches_the_gz(tmp_path, shared_data, monkeypatch):
+    from tasks.ingest import warc
+
+    gz = shared_data / "raw/dolma_wget_sample-0000.warc.gz"
+    (tmp_path / "plain.warc").write_bytes(gzip.decompress(gz.read_bytes()))
+    expected = [(r.headers, r.block) for r in warc.iter_warc(gz)]
+    monkeypatch.setattr(warc, "READ_SIZE", 7)
+    records = list(warc.iter_warc(tmp_path / "plain.warc"))
+    assert not [r for r in records if isinstance(r, warc.Corruption)]
+    assert [(r.headers, r.block) for r in records] == expected and len(expected) > 20
+
+
+def test_truncated_zst_keeps_good_lines_and_is_counted(tmp_path):
+    lines = [json.dumps({"id": i, "text": os.urandom(1000).hex()}).encode() + b"\n" for i in range(200)]
+    frames = [zstandard.ZstdCompressor().compress(b"".join(lines[i:i + 50])) for i in range(0, 200, 50)]
+    (tmp_path / "whole.jsonl.zst").write_bytes(b"".join(frames))
+    (tmp_path / "cut.jsonl.zst").write_bytes(b"".join(frames)[:-3000])
+    result, docs = ingest(tmp_path, {"name": "w", "kind": "jsonl", "paths": [str(tmp_path / "whole.jsonl.zst")]},
+                          {"name": "j", "kind": "jsonl", "paths": [str(tmp_path / "cut.jsonl.zst")]})
+    assert [d.id for d in docs if d.source == "w"] == [f"w/{i}" for i in range(200)]
+    assert 150 <= len([d for d in docs if d.source == "j"]) < 200
+    assert result.stats["bad/j/cut.jsonl.zst/truncated_compressed"] == 1
+    assert "bad/w/whole.jsonl.zst/truncated_compressed" not in result.stats
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "a..b", "a.", "-a", "a/b", "x.tmp-1", "excluded"])
+def test_config_rejects_source_names_that_are_not_safe_folder_names(name):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"name"):
+        IngestConfig.model_validate({"sources": [{"name": name, "kind": "text", "paths": ["x"]}]})
+
+
+def test_config_accepts_dotted_source_names():
+    config = IngestConfig.model_validate({"sources": [{"name": n, "kind": "text", "paths": ["x"]}
+                                                      for n in ["a.b", "fineweb-edu", "cc_2024.v2", "_x"]]})
+    assert [s.name for s in config.sources] == ["a.b", "fineweb-edu", "cc_2024.v2", "_x"]
+
+
+def test_files_with_the_same_name_in_two_folders_get_distinct_ids(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / "docs" / folder).mkdir(parents=True)
+        (tmp_path / "docs" / folder / "README.txt").write_text(f"read me {folder}")
+    (tmp_path / "docs" / "b" / "empty.txt").write_bytes(b"")
+    result, docs = ingest(tmp_path, {"name": "t", "kind": "text", "paths": [str(tmp_path / "docs/*/*.txt")]})
+    assert sorted((d.id, d.metadata["file"], d.text) for d in docs) == [
+        ("t/a/README.txt", "a/README.txt", "read me a"), ("t/b/README.txt", "b/README.txt", "read me b")]
+    assert result.stats["bad/t/b/empty.txt/empty_file"] == 1

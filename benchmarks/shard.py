@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "tasks"))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from benchmarks.memory import peak_rss_mb  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 SPEED = {
@@ -49,15 +49,6 @@ SPEED = {
     "hf": "HF tokenizers encode_batch (texts in memory)",
 }
 WORKERS = os.cpu_count() or 1
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: that one keeps the parent's peak across fork+exec."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_texts(docs_dir: Path) -> list[str]:

@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "tasks"))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from benchmarks.memory import peak_rss_mb  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 SPECIALS = ["<|endoftext|>"]
@@ -43,15 +43,6 @@ METHODS = {
     "hf": "HF tokenizers BpeTrainer",
     "stage_recipe": "stage, recipe defaults (10k-char cap, 1000 held out)",
 }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: that one keeps the parent's peak across fork+exec."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float:

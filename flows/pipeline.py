@@ -1,7 +1,6 @@
 """The Prefect flow: plan the stages, run each as a cached task, record the run in the catalog and MLflow."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import uuid
@@ -167,7 +166,3 @@ def _prefect_flow_run_id() -> str | None:
 
     context = FlowRunContext.get()
     return str(context.flow_run.id) if context and context.flow_run else None
-
-
-def describe(outcomes: list[dict[str, Any]]) -> str:
-    return json.dumps(outcomes, indent=2)

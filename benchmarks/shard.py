@@ -74,7 +74,7 @@ def run_stage(docs_dir: Path, tokenizer_dir: Path) -> Path:
 
 def measure(method: str, docs_dir: Path, tokenizer_dir: Path) -> dict:
     """Runs inside the subprocess: one warm-up on a few documents (first-use imports), then the measurement."""
-    from tasks.shard import encoded_batches
+    from tasks.shard.stage import encoded_batches
     from tasks.tokenizer import HF_FILE, load_encoding
 
     if method == "stage":

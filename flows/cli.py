@@ -84,7 +84,7 @@ def _run_pipeline(config, workspace: Path | None, only, until, force) -> None:
 def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], workspace: WorkspaceOpt = None,
          set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: a.b=value")] = None,
          ) -> None:
-    """Show every stage with its fingerprint and status (cached, pending, not built yet); runs nothing."""
+    """Show every stage with its fingerprint and status (cached, pending, not in recipe); runs nothing."""
     from flows.plan import make_plan
     from storage.workspace import Workspace, resolve_workspace
 
@@ -110,6 +110,7 @@ def catalog(sql: Annotated[str, typer.Argument(help='SQL, e.g. "select * from st
     """Query the workspace catalog (DuckDB) and print a table."""
     import duckdb
 
+    from flows.stages import catalog_views
     from storage.catalog import Catalog
     from storage.workspace import resolve_workspace
 
@@ -117,7 +118,7 @@ def catalog(sql: Annotated[str, typer.Argument(help='SQL, e.g. "select * from st
     if not path.is_file():
         _fail(f"no catalog at {path}: run a recipe first, or pass --workspace")
     try:
-        names, rows = Catalog(path).query(sql)
+        names, rows = Catalog(path).query(sql, catalog_views())
     except duckdb.Error as err:
         _fail(f"query failed: {str(err).splitlines()[0]}", code=1)
     typer.echo(format_table(names, rows))

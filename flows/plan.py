@@ -1,4 +1,4 @@
-"""The plan: every stage's fingerprint and whether its output is cached, pending, or not built yet."""
+"""The plan: every stage's fingerprint and whether its output is cached, pending, or not in the recipe."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +10,7 @@ from storage.configbase import StrictModel
 from storage.fingerprint import fingerprint
 from storage.workspace import Workspace
 
-CACHED, PENDING, NOT_IN_RECIPE, NOT_BUILT = "cached", "pending", "not in recipe", "not built yet"
+CACHED, PENDING, NOT_IN_RECIPE = "cached", "pending", "not in recipe"
 
 
 @dataclass
@@ -25,18 +25,17 @@ class PlannedStage:
 
 
 def enabled_stages(config: PipelineConfig) -> list[str]:
-    return [name for name in PIPELINE_ORDER if name in STAGES and getattr(config, name, None) is not None]
+    return [name for name in PIPELINE_ORDER if getattr(config, name, None) is not None]
 
 
 def stage_fingerprint(name: str, section: StrictModel, input_fps: dict[str, str], seed: int) -> str:
-    spec = STAGES[name]
-    module = spec.load()
+    stage = STAGES[name]
     extra: dict[str, Any] = {}
-    if hasattr(module, "external_inputs"):
-        extra["files"] = module.external_inputs(section)
-    if spec.seed_matters(section):
+    if stage.external_inputs is not None:
+        extra["files"] = stage.external_inputs(section)
+    if stage.seed_matters(section):
         extra["seed"] = seed
-    return fingerprint(name, module.VERSION, section.output_fields(), input_fps, extra)
+    return fingerprint(name, stage.version, section.output_fields(), input_fps, extra)
 
 
 def make_plan(config: PipelineConfig, workspace: Workspace) -> list[PlannedStage]:
@@ -44,9 +43,6 @@ def make_plan(config: PipelineConfig, workspace: Workspace) -> list[PlannedStage
     enabled = enabled_stages(config)
     planned: dict[str, PlannedStage] = {}
     for name in PIPELINE_ORDER:
-        if name not in STAGES:
-            planned[name] = PlannedStage(name, NOT_BUILT)
-            continue
         if name not in enabled:
             planned[name] = PlannedStage(name, NOT_IN_RECIPE)
             continue

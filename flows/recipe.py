@@ -8,7 +8,6 @@ import yaml
 from pydantic import Field, ValidationError
 
 from flows.stages import StageConfigs
-from storage.configbase import StrictModel
 
 
 class PipelineConfig(StageConfigs):
@@ -98,7 +97,3 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         return PipelineConfig.model_validate(apply_overrides(data, overrides or []))
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, str(path))) from err
-
-
-def dump_recipe(config: StrictModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)

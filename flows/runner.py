@@ -57,7 +57,7 @@ def _build(stage: PlannedStage, info: RunInfo) -> None:
     mlflow_run_id = _start_stage_records(stage, info)
     ctx = _make_context(stage, info, mlflow_run_id)
     try:
-        result = STAGES[stage.name].load().run(stage.config, ctx)
+        result = STAGES[stage.name].run(stage.config, ctx)
         _commit(stage, info, ctx, result, time.time() - started)
     except BaseException as err:
         shutil.rmtree(ctx.output, ignore_errors=True)

@@ -1,68 +1,64 @@
-"""The stages of the pipeline, in order: what each is called, where its code is, what it reads."""
+"""The stages of the pipeline, in order. Adding a stage is one module in `tasks/` and one line here.
+
+Each stage package declares itself as `STAGE = storage.stage.Stage(...)`: name, VERSION, config
+class, what it reads, whether the seed changes its output, `run`, and optional `external_inputs`.
+The pipeline config, the plan and the catalog views are all derived from this list.
+"""
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
+from pydantic import create_model
+
+import tasks.curate
+import tasks.dedup
+import tasks.ingest
+import tasks.pretrain
+import tasks.shard
+import tasks.tokenizer
 from storage.configbase import StrictModel
-from tasks.curate.config import CurateConfig
-from tasks.dedup.config import DedupConfig
-from tasks.ingest.config import IngestConfig
-from tasks.pretrain.config import PretrainConfig
-from tasks.shard import ShardConfig
-from tasks.tokenizer.config import TokenizerConfig
+from storage.stage import Stage
 
-# Every stage the design has, in pipeline order; those without a module are not built yet.
-PIPELINE_ORDER = ["ingest", "curate", "dedup", "tokenizer", "shard", "pretrain", "finetune", "evaluate"]
-DOCUMENT_STAGES = ["ingest", "curate", "dedup"]
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    module: str                           # exposes VERSION, run(config, ctx), optionally external_inputs(config)
-    reads: tuple[str, ...] = ()           # input keys: "documents" = the last document stage before this one
-    seed_matters: Callable[[Any], bool] = lambda config: False   # does the pipeline seed change the output?
-
-    def load(self) -> ModuleType:
-        return importlib.import_module(self.module)
+REGISTRY: tuple[Stage, ...] = (
+    tasks.ingest.STAGE,
+    tasks.curate.STAGE,
+    tasks.dedup.STAGE,
+    tasks.tokenizer.STAGE,
+    tasks.shard.STAGE,
+    tasks.pretrain.STAGE,
+)
+STAGES: dict[str, Stage] = {stage.name: stage for stage in REGISTRY}
+PIPELINE_ORDER: list[str] = [stage.name for stage in REGISTRY]
 
 
-STAGES: dict[str, StageSpec] = {
-    # The seed enters a fingerprint only where it changes the output, so seed ablations share their data.
-    "ingest": StageSpec("ingest", "tasks.ingest", seed_matters=lambda c: any(s.sample_rate < 1 for s in c.sources)),
-    "curate": StageSpec("curate", "tasks.curate", reads=("documents",), seed_matters=lambda c: c.sample_rate < 1),
-    "dedup": StageSpec("dedup", "tasks.dedup", reads=("documents",)),
-    "tokenizer": StageSpec("tokenizer", "tasks.tokenizer", reads=("documents",)),
-    "shard": StageSpec("shard", "tasks.shard", reads=("documents", "tokenizer")),
-    "pretrain": StageSpec("pretrain", "tasks.pretrain", reads=("shard", "tokenizer"), seed_matters=lambda c: True),
-}
+def _stage_configs_model() -> type[StrictModel]:
+    """One optional field per stage, in pipeline order; the pipeline config adds name, experiment and seed."""
+    fields: dict[str, Any] = {stage.name: (stage.config | None, None) for stage in REGISTRY}
+    model = create_model("StageConfigs", __base__=StrictModel, **fields)
+    model.__doc__ = "One optional section per stage; a stage left out of the recipe does not run."
+    return model
 
 
-class StageConfigs(StrictModel):
-    """One optional field per built stage; the pipeline config adds name, experiment and seed."""
-
-    ingest: IngestConfig | None = None
-    curate: CurateConfig | None = None
-    dedup: DedupConfig | None = None
-    tokenizer: TokenizerConfig | None = None
-    shard: ShardConfig | None = None
-    pretrain: PretrainConfig | None = None
+StageConfigs = _stage_configs_model()
 
 
-def input_stages(spec: StageSpec, enabled: list[str]) -> dict[str, str]:
-    """Input key -> the upstream stage that provides it, given the stages enabled in the recipe."""
-    before = enabled[: enabled.index(spec.name)]
+def input_stages(stage: Stage, enabled: list[str]) -> dict[str, str]:
+    """Input key -> the upstream stage that serves it: the last enabled stage before this one providing the key."""
+    before = [STAGES[name] for name in enabled[: enabled.index(stage.name)]]
     mapping: dict[str, str] = {}
-    for key in spec.reads:
-        if key == "documents":
-            candidates = [s for s in before if s in DOCUMENT_STAGES]
-        else:
-            candidates = [s for s in before if s == key]
-        if not candidates:
-            raise ValueError(f"stage {spec.name!r} needs {key!r} from an earlier stage; add one to the recipe")
-        mapping[key] = candidates[-1]
+    for key in (*stage.reads, *stage.optional_reads):
+        candidates = [upstream.name for upstream in before if key in upstream.keys]
+        if candidates:
+            mapping[key] = candidates[-1]
+        elif key in stage.reads:
+            raise ValueError(f"stage {stage.name!r} needs {key!r} from an earlier stage; add one to the recipe")
     return mapping
+
+
+def catalog_views() -> dict[str, list[tuple[str, str]]]:
+    """View name -> (stage, glob under its output) for every stage that exposes Parquet to the catalog."""
+    views: dict[str, list[tuple[str, str]]] = {}
+    for stage in REGISTRY:
+        for view, pattern in stage.catalog_views.items():
+            views.setdefault(view, []).append((stage.name, pattern))
+    return views

@@ -27,31 +27,29 @@ create table if not exists stage_stats (
 """
 OPEN_RETRIES = 300   # ~30 s of backoff: writers and the query copy hold the lock for milliseconds
 TABLES = ("pipeline_runs", "stage_runs", "stage_stats")
-# Views over the workspace's committed Parquet outputs, so one query can join counters and data.
-OUTPUT_VIEWS = {
-    "documents": (("ingest", "curate", "dedup"), "**/*.parquet"),
-    "token_shards": (("shard",), "shards/*.parquet"),
-}
+# Views over the workspace's committed Parquet outputs, so one query can join counters and data:
+# view name -> [(stage, glob under its output)], declared by the stages (`flows.stages.catalog_views`).
+OutputViews = dict[str, list[tuple[str, str]]]
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def committed_output_globs(root: Path, stages: tuple[str, ...], pattern: str) -> list[str]:
+def committed_output_globs(root: Path, sources: list[tuple[str, str]]) -> list[str]:
     """Parquet globs of the stage outputs that have `_SUCCESS.json` (a crashed attempt is never read)."""
     globs = []
-    for stage in stages:
+    for stage, pattern in sources:
         for success in sorted(root.glob(f"stages/{stage}/*/_SUCCESS.json")):
             if any(success.parent.glob(pattern)):
                 globs.append(str(success.parent / pattern))
     return globs
 
 
-def create_output_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """`documents` and `token_shards` views, with `stage` and `fingerprint` columns parsed from each path."""
-    for view, (stages, pattern) in OUTPUT_VIEWS.items():
-        globs = committed_output_globs(root, stages, pattern)
+def create_output_views(con: duckdb.DuckDBPyConnection, root: Path, views: OutputViews) -> None:
+    """One view per name (`documents`, `token_shards`, ...), with `stage` and `fingerprint` columns from each path."""
+    for view, sources in views.items():
+        globs = committed_output_globs(root, sources)
         if not globs:
             continue
         con.execute(f"""create or replace temp view {view} as
@@ -140,13 +138,13 @@ class Catalog:
         finally:
             con.execute("detach catalog_file")
 
-    def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    def query(self, sql: str, views: OutputViews | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Runs SQL on an in-memory copy of the catalog (a long query never blocks a running pipeline),
         with the workspace's committed Parquet outputs as views; returns column names and rows."""
         con = duckdb.connect()
         try:
             self._copy_tables_into(con)
-            create_output_views(con, self.path.parent)
+            create_output_views(con, self.path.parent, views or {})
             cursor = con.execute(sql)
             names = [d[0] for d in cursor.description] if cursor.description else []
             return names, cursor.fetchall()

@@ -1,9 +1,16 @@
 """What every stage receives and returns: the context of one execution and its result."""
 from __future__ import annotations
 
+import importlib
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from storage.configbase import StrictModel
+
+STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -48,3 +55,90 @@ class StageResult:
 
 class StageError(RuntimeError):
     """A stage failed for a reason the user can act on (message names the file/field)."""
+
+
+RunFn = Callable[[Any, StageContext], StageResult]
+
+
+def never(config: Any) -> bool:
+    """The pipeline seed never changes this stage's output."""
+    return False
+
+
+def always(config: Any) -> bool:
+    """The pipeline seed always changes this stage's output (training, random initialisation)."""
+    return True
+
+
+def deferred(target: str) -> RunFn:
+    """`run` given as `"package.module:function"`, imported on the first call.
+
+    Declaring a stage (and so validating a recipe) then never imports torch or datatrove.
+    """
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"deferred({target!r}): expected 'package.module:function'")
+
+    def run(config: Any, ctx: StageContext) -> StageResult:
+        return getattr(importlib.import_module(module_name), function_name)(config, ctx)
+
+    run.__qualname__ = run.__name__ = target
+    run.target = target  # type: ignore[attr-defined]
+    return run
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a stage module declares about itself, as `STAGE = Stage(...)` in its package.
+
+    `reads` names input keys: another stage's name, or a key some stages `provide` (ingest, curate
+    and dedup provide `documents`); each key is served by the last stage before this one in the
+    recipe that provides it. `optional_reads` are used when such a stage is in the recipe.
+    `seed_matters(config)` says whether the pipeline seed changes the output (only then does it
+    enter the fingerprint). `external_inputs(config)` returns what else decides the output (files,
+    library versions). `catalog_views` maps a catalog view name to a glob under the stage output.
+    """
+
+    name: str
+    version: str
+    config: type[StrictModel]
+    run: RunFn
+    reads: tuple[str, ...] = ()
+    optional_reads: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    seed_matters: Callable[[Any], bool] = never
+    external_inputs: Callable[[Any], dict[str, Any]] | None = None
+    catalog_views: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = stage_problems(self)
+        if problems:
+            raise TypeError(f"stage {self.name!r} is not a valid Stage: {'; '.join(problems)}")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The input keys this stage can serve: its own name and what it provides."""
+        return (self.name, *self.provides)
+
+
+def stage_problems(stage: Stage) -> list[str]:
+    """Every way `stage` breaks the protocol (empty when it keeps it)."""
+    problems = []
+    if not isinstance(stage.name, str) or not STAGE_NAME.match(stage.name):
+        problems.append(f"name {stage.name!r} must match {STAGE_NAME.pattern}")
+    if not isinstance(stage.version, str) or not stage.version:
+        problems.append("version must be a non-empty string (bump it when the output changes)")
+    if not (isinstance(stage.config, type) and issubclass(stage.config, StrictModel)):
+        problems.append("config must be a StrictModel subclass")
+    for name in ("run", "seed_matters"):
+        if not callable(getattr(stage, name)):
+            problems.append(f"{name} must be callable")
+    if stage.external_inputs is not None and not callable(stage.external_inputs):
+        problems.append("external_inputs must be callable or None")
+    for name in ("reads", "optional_reads", "provides"):
+        value = getattr(stage, name)
+        if not isinstance(value, tuple) or not all(isinstance(k, str) and k for k in value):
+            problems.append(f"{name} must be a tuple of non-empty strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(stage.catalog_views).items()):
+        problems.append("catalog_views must map view names to globs")
+    return problems

@@ -10,7 +10,7 @@ HTML documents get `content_type: text/plain` and `extracted_from: text/html`.
 Steps, in FineWeb's order (each one switchable): sample, url_filter, extract (Trafilatura, HTML
 only), language, gopher_repetition, gopher_quality, c4_quality, fineweb_quality, pii.
 
-Stats (see `tasks.curate.funnel`): `docs_in`, `docs_out`, `dropped/<step>/<reason>` with
+Stats (see `tasks.docpipe.funnel`): `docs_in`, `docs_out`, `dropped/<step>/<reason>` with
 `docs_in == docs_out + sum(dropped/*)`, `funnel/<NN>_<step>/<source>/in|out`,
 `by_source/<source>/docs_in|docs_out`, `flagged/extract/replacement_char`, `time_s/<NN>_<step>`.
 The counters come from datatrove's per-rank `stats/<rank>.json`, summed over ranks.
@@ -25,16 +25,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from storage.stage import StageContext, StageResult
+from storage.fingerprint import package_versions
+from storage.stage import Stage, deferred
 from tasks.curate.config import CurateConfig
-from tasks.curate.executors import build_executor, merged_step_stats, run_executor
-from tasks.curate.filters import release_caches
-from tasks.curate.funnel import check_accounting, link_tree, reset_incomplete_ranks, stage_stats
-from tasks.curate.pipeline import build_pipeline
-from tasks.curate.shared import package_versions, prepare, record_problems
 
 VERSION = "1"
-__all__ = ["VERSION", "CurateConfig", "run", "external_inputs"]
 BACKEND_PACKAGES = {"pycld2": "pycld2", "langid": "langid", "lingua": "lingua-language-detector",
                     "fasttext": "fasttext-numpy2-wheel"}
 
@@ -49,18 +44,13 @@ def external_inputs(config: CurateConfig) -> dict[str, Any]:
     return signature
 
 
-def run(config: CurateConfig, ctx: StageContext) -> StageResult:
-    scratch, plan_file, bad_files = prepare(ctx)
-    labels, pipeline = build_pipeline(config, scratch, plan_file, ctx.seed)
-    executor = build_executor(pipeline, config.executor, scratch.logging_dir(), job_name="curate")
-    reset_incomplete_ranks(executor.get_incomplete_ranks(), scratch)
-    try:
-        run_executor(executor, config.executor, "curate")
-    finally:
-        release_caches()  # the block lists and models loaded in this process (workers=1) are ~1 GB
-    result = StageResult(stats=stage_stats(labels, merged_step_stats(scratch.logging_dir(), config.executor.tasks)))
-    check_accounting(result.stats)
-    record_problems(result, bad_files, scratch)
-    link_tree(scratch.output, Path(ctx.output))
-    result.artifacts = {"funnel_steps": labels, "language_backend": config.language.backend}
-    return result
+def samples(config: CurateConfig) -> bool:
+    """The seed decides which documents survive only when curate samples (sample_rate below 1)."""
+    return config.sample_rate < 1
+
+
+STAGE = Stage(name="curate", version=VERSION, config=CurateConfig, run=deferred("tasks.curate.stage:run"),
+              reads=("documents",), provides=("documents",), seed_matters=samples, external_inputs=external_inputs,
+              catalog_views={"documents": "**/*.parquet"})
+run = STAGE.run
+__all__ = ["STAGE", "VERSION", "CurateConfig", "external_inputs", "run"]

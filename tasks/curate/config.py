@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from storage.configbase import StrictModel
-from tasks.curate.executors import ExecutorConfig
+from tasks.docpipe.config import ExecutorConfig
 
 
 class URLFilterConfig(StrictModel):

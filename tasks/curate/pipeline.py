@@ -16,9 +16,9 @@ from datatrove.pipeline.formatters import PIIFormatter
 from storage.stage import StageError
 from tasks.curate.config import CurateConfig
 from tasks.curate.filters import HtmlExtractor, LanguageIdFilter, OfflineURLFilter
-from tasks.curate.funnel import Scratch
+from tasks.docpipe.funnel import Scratch
 from tasks.curate.langid import make_backend
-from tasks.curate.steps import DocumentParquetWriter, DocumentReader, FunnelFilter, FunnelStep, HashSampler, excluded_writer
+from tasks.docpipe.steps import DocumentParquetWriter, DocumentReader, FunnelFilter, FunnelStep, HashSampler, excluded_writer
 
 # Fixed funnel numbers: a disabled step disappears from the funnel, the others keep their number.
 STEP_ORDER = ("sample", "url_filter", "extract", "language", "gopher_repetition", "gopher_quality",

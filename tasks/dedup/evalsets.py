@@ -7,7 +7,6 @@ built from the files the recipe names, with the same normalization, tokenizer an
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 import sys
@@ -117,11 +116,3 @@ def build_index(eval_sets: list[Path], n_gram: int, language: str, folder: Path)
         tmp.replace(folder / f"{name}.index.hashes")
         counts[name] = len(hashes)
     return counts
-
-
-def file_signature(path: Path) -> list[object]:
-    """Path, size and sha256 of an eval file: its content, not only its name, decides the output."""
-    path = Path(path)
-    if not path.is_file():
-        return [str(path), None, None]
-    return [str(path), path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]

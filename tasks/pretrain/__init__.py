@@ -1,20 +1,17 @@
-"""The pretrain stage: GPT (causal LM) or BERT (MLM, optional NSP) trained from token shards under torchrun."""
+"""pretrain: GPT (causal LM) or BERT (MLM, optional NSP) trained from token shards under torchrun.
+
+Declared here without importing torch; `tasks.pretrain.stage.run` checks the shards, launches the
+workers and collects the model (`model/`: `model.safetensors` + `config.json`, a `storage.formats.ModelSpec`).
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from storage.stage import Stage, always, deferred
 from tasks.pretrain.config import PretrainConfig
-
-if TYPE_CHECKING:
-    from storage.stage import StageContext, StageResult
 
 VERSION = "1"
 
-__all__ = ["VERSION", "PretrainConfig", "run"]
-
-
-def run(config: PretrainConfig, ctx: StageContext) -> StageResult:
-    """See `tasks.pretrain.stage.run`; imported on call so `python -m tasks.pretrain.train` loads cleanly."""
-    from tasks.pretrain.stage import run as run_stage
-
-    return run_stage(config, ctx)
+# The seed always matters: it draws the initial weights, the data order and the dropout masks.
+STAGE = Stage(name="pretrain", version=VERSION, config=PretrainConfig, run=deferred("tasks.pretrain.stage:run"),
+              reads=("shard", "tokenizer"), seed_matters=always)
+run = STAGE.run
+__all__ = ["STAGE", "VERSION", "PretrainConfig", "run"]

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from storage.configbase import StrictModel
+from storage.formats import ModelSpec
 from tasks.pretrain.presets import get_preset
 
 VOCAB_MULTIPLE = 128                 # the embedding is padded to this multiple (fast matmuls)
@@ -30,33 +31,6 @@ class MoEConfig(StrictModel):
         if self.n_experts and self.top_k > self.n_experts:
             raise ValueError(f"model.moe.top_k={self.top_k} exceeds model.moe.n_experts={self.n_experts}")
         return self
-
-
-class ModelSpec(StrictModel):
-    """A fully resolved model shape; saved as `config.json` next to the weights."""
-
-    arch: Literal["gpt", "bert"]
-    n_layer: int
-    n_head: int
-    d_model: int
-    d_mlp: int
-    seq_len: int
-    vocab_size: int                   # real token ids run 0..vocab_size-1
-    padded_vocab_size: int            # embedding rows (a multiple of VOCAB_MULTIPLE)
-    dropout: float = 0.0
-    bias: bool = True
-    norm: Literal["pre", "post"] = "pre"
-    layer_norm_eps: float = 1e-5
-    type_vocab_size: int = 2          # BERT segments A/B
-    nsp: bool = False                 # BERT: a next-sentence head on [CLS]
-    n_experts: int = 0
-    top_k: int = 2
-    aux_loss_weight: float = 0.01
-    special_tokens: dict[str, int] = Field(default_factory=dict)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
 
 class ModelConfig(StrictModel):

@@ -1,8 +1,19 @@
-"""The tokenizer stage: a byte-level BPE trained with rustbpe (or reused), saved for tiktoken and HF."""
-from .config import GPT4_PATTERN, TokenizerConfig
-from .files import CONFIG_FILE, HF_FILE, RANKS_FILE, Vocabulary, load_encoding, read_vocabulary
-from .pretrained import external_inputs
-from .stage import VERSION, run
+"""tokenizer: a byte-level BPE trained with rustbpe (or a fixed one reused), saved for tiktoken and HF.
 
-__all__ = ["CONFIG_FILE", "GPT4_PATTERN", "HF_FILE", "RANKS_FILE", "VERSION", "TokenizerConfig", "Vocabulary",
-           "external_inputs", "load_encoding", "read_vocabulary", "run"]
+Output: `tokenizer.tiktoken` (ranks), `tokenizer_config.json` (`storage.formats.TokenizerFile`) and an HF
+`tokenizer.json` with identical ids; `tasks.tokenizer.files.load_encoding(dir)` loads it offline.
+"""
+from __future__ import annotations
+
+from storage.stage import Stage, deferred
+from tasks.tokenizer.config import GPT4_PATTERN, TokenizerConfig
+from tasks.tokenizer.files import CONFIG_FILE, HF_FILE, RANKS_FILE, Vocabulary, load_encoding, read_vocabulary
+from tasks.tokenizer.pretrained import external_inputs
+
+VERSION = "1"
+
+STAGE = Stage(name="tokenizer", version=VERSION, config=TokenizerConfig, run=deferred("tasks.tokenizer.stage:run"),
+              reads=("documents",), external_inputs=external_inputs)
+run = STAGE.run
+__all__ = ["CONFIG_FILE", "GPT4_PATTERN", "HF_FILE", "RANKS_FILE", "STAGE", "VERSION", "TokenizerConfig",
+           "Vocabulary", "external_inputs", "load_encoding", "read_vocabulary", "run"]

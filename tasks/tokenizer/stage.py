@@ -17,7 +17,6 @@ from .files import HF_FILE, Vocabulary, save_vocabulary, with_specials
 from .hf import write_hf_tokenizer
 from .pretrained import pretrained_vocabulary
 
-VERSION = "1"
 log = logging.getLogger(__name__)
 
 

@@ -69,7 +69,7 @@ def test_run_twice_reuses_every_stage_across_processes(tmp_path, small_recipe, c
     assert first.returncode == 0, first.stderr[-3000:]
     assert "built" in first.stdout
     plan = cli(["plan", str(small_recipe), "--workspace", str(ws)])
-    assert "ingest     " in plan.stdout and "cached" in plan.stdout and "not built yet" in plan.stdout
+    assert "ingest     " in plan.stdout and "cached" in plan.stdout and "not in recipe" in plan.stdout
     second = cli(["run", str(small_recipe), "--workspace", str(ws)])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "cached" in second.stdout and "built" not in second.stdout

@@ -22,11 +22,11 @@ import curatedata  # noqa: E402
 import tasks.curate as curate  # noqa: E402
 from storage.documents import DOCUMENT_SCHEMA, document_files, iter_documents  # noqa: E402
 from storage.stage import StageContext, StageError  # noqa: E402
-from tasks.curate.executors import build_executor, run_executor  # noqa: E402
+from tasks.docpipe.executors import build_executor, run_executor  # noqa: E402
 from tasks.curate.filters import HtmlExtractor  # noqa: E402
-from tasks.curate.funnel import Scratch  # noqa: E402
+from tasks.docpipe.funnel import Scratch  # noqa: E402
 from tasks.curate.pipeline import build_steps  # noqa: E402
-from tasks.curate.steps import FunnelFilter, HashSampler, read_problems  # noqa: E402
+from tasks.docpipe.steps import FunnelFilter, HashSampler, read_problems  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS, WORKERS = 4, 1

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from storage.documents import Document
 from storage.stage import StageError
-from tasks.shard import MANIFEST_FILE, ShardConfig, run, split_of
+from tasks.shard import ShardConfig, run
+from tasks.shard.stage import MANIFEST_FILE, split_of
 from tasks.tokenizer import TokenizerConfig, load_encoding
 from tasks.tokenizer import run as run_tokenizer
 from tasks.tokenizer.config import GPT4_PATTERN

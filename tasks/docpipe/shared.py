@@ -1,13 +1,12 @@
-"""What the curate and dedup stages share around their pipelines: input, read plan, problems, versions."""
+"""What the curate and dedup stages share around their pipelines: input, read plan, problems."""
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from storage.stage import StageContext, StageError, StageResult
-from tasks.curate.funnel import Scratch
-from tasks.curate.steps import read_problems, write_plan
+from tasks.docpipe.funnel import Scratch
+from tasks.docpipe.steps import read_problems, write_plan
 
 
 def input_documents(ctx: StageContext) -> Path:
@@ -40,14 +39,3 @@ def record_problems(result: StageResult, bad_files: list[dict[str, str]], scratc
     for problem in [*bad_files, *read_problems(scratch.problems)]:
         result.bad(problem["path"], problem["reason"], problem.get("detail", ""), problem.get("where"))
     result.count("bad_inputs", len(result.bad_inputs))
-
-
-def package_versions(*names: str) -> dict[str, str]:
-    """Installed versions of the libraries whose behaviour decides a stage's output."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found

@@ -1,4 +1,4 @@
-"""The shard stage: encode documents with tiktoken into Parquet token shards that pretraining streams.
+"""The shard stage's work: encode documents with tiktoken into Parquet token shards that pretraining streams.
 
 One row per document (`doc_id, source, split, tokens`), zstd, row groups of at most
 `row_group_rows` rows or 4 MiB of tokens, a new shard file past `target_shard_bytes` of tokens.
@@ -21,41 +21,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
-from pydantic import Field
 
-from storage.configbase import StrictModel
 from storage.stage import StageContext, StageError, StageResult
-from tasks.tokenizer import read_vocabulary
+from tasks.shard.config import ShardConfig
+from tasks.tokenizer.files import read_vocabulary
 from tasks.tokenizer.corpus import read_rows, readable_document_files
 
-VERSION = "1"
 SHARD_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
 EOT_TOKEN = "<|endoftext|>"
 ROW_GROUP_MAX_BYTES = 4 * 2**20
 BATCH_MAX_CHARS = 2**20      # text per encoding task; a few tasks are in flight at once
 SPLIT_RULE = "val if int.from_bytes(sha256(doc_id.encode('utf-8')).digest()[:8], 'big') / 2**64 < val_fraction"
-
-
-class ShardConfig(StrictModel):
-    """How documents become token shards.
-
-    `val_fraction` 0.005: one document in 200 is validation, enough for a stable validation loss
-    (about 5M tokens of a 1B-token corpus, ~50 documents of the 10k-article demo) while costing
-    the training set almost nothing; the split is by document, so no text leaks across it.
-    `max_tokens_per_doc` bounds a row (2**20 tokens = 2-4 MiB) so row groups stay streamable; a
-    longer document is split into rows `<id>#0, <id>#1, ...` (no token lost) or truncated.
-    """
-
-    val_fraction: float = Field(0.005, ge=0, lt=1)
-    max_tokens_per_doc: int | None = Field(2**20, gt=0)
-    overlong: Literal["split", "truncate"] = "split"
-    target_shard_bytes: int = Field(128 * 2**20, gt=0)   # token bytes per shard file, before compression
-    row_group_rows: int = Field(1024, gt=0)
-    workers: int = Field(0, ge=0)                        # encoding threads; 0 = one per core
-    batch_size: int = Field(256, gt=0)                   # documents per encoding task
-
-    non_output_fields = frozenset({"workers", "batch_size"})
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:

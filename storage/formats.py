@@ -1,0 +1,260 @@
+"""The files one stage writes and another reads, each a pydantic model used by both sides.
+
+A writer builds the model and calls `write(path)`; a reader calls `Model.read(path)` and gets either a
+validated object or a `FileFormatError` naming the file and the field. Nothing downstream indexes a
+raw dict of these files.
+
+| file                                   | model             | written by        | read by                    |
+|----------------------------------------|-------------------|-------------------|----------------------------|
+| `shard/<fp>/manifest.json`             | `ShardManifest`   | shard             | pretrain                   |
+| `tokenizer/<fp>/tokenizer_config.json` | `TokenizerFile`   | tokenizer         | shard, pretrain, models    |
+| `<model dir>/config.json`              | `ModelSpec`       | pretrain          | models (`load_pretrained`) |
+| pretrain `_SUCCESS.json` `artifacts`   | `PretrainArtifacts` | pretrain        | finetune, evaluate         |
+| `<task>/metrics.json`                  | `TaskMetrics`     | finetune, evaluate | dashboard, scorers        |
+| `<task>/predictions.jsonl`             | `PredictionRow`   | finetune, evaluate | dashboard, scorers        |
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from storage.stage import StageError
+
+T = TypeVar("T", bound="FileModel")
+JsonValue = str | int | float | bool | None | list[Any] | dict[str, Any]
+
+
+class FileFormatError(StageError):
+    """A file between stages is missing, not JSON, or has a wrong field; the message names file and field."""
+
+
+def describe(err: ValidationError, path: Path | str, where: str = "") -> str:
+    """`path[:line]: field a.b: message; ...` for every problem pydantic found."""
+    problems = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]
+        problems.append(f"field '{field}': {message}")
+    return f"{path}{where}: " + "; ".join(problems)
+
+
+class FileModel(BaseModel):
+    """A JSON file with a fixed shape: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def read(cls: type[T], path: Path | str) -> T:
+        path = Path(path)
+        if not path.is_file():
+            raise FileFormatError(f"{path}: missing")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FileFormatError(f"{path}: not valid JSON ({err})") from None
+        return cls.parse(data, path)
+
+    @classmethod
+    def parse(cls: type[T], data: Any, origin: Path | str) -> T:
+        """Validates already-decoded JSON; errors name `origin`."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise FileFormatError(describe(err, origin)) from None
+
+    def write(self, path: Path | str) -> Path:
+        """Writes the file through a temporary name, so a reader never sees half of it."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+
+
+class TokenizerFile(FileModel):
+    """`tokenizer_config.json`: the split pattern and special tokens beside the tiktoken rank file."""
+
+    pattern: str
+    special_tokens: dict[str, int]
+    vocab_size: int = Field(ge=1)
+    n_ranks: int = Field(ge=1)
+    origin: str = "file"
+
+    @model_validator(mode="after")
+    def _ids_fit(self) -> "TokenizerFile":
+        outside = {name: i for name, i in self.special_tokens.items() if not 0 <= i < self.vocab_size}
+        if outside:
+            raise ValueError(f"special token ids {outside} are not below vocab_size {self.vocab_size}")
+        return self
+
+
+# ---- token shards ---------------------------------------------------------------------------
+
+
+class ShardEntry(FileModel):
+    """One shard file and its token counts."""
+
+    path: str
+    rows: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    tokens_train: int = Field(ge=0)
+    tokens_val: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _splits_add_up(self) -> "ShardEntry":
+        if self.tokens != self.tokens_train + self.tokens_val:
+            raise ValueError(f"{self.path}: tokens {self.tokens} != tokens_train {self.tokens_train} + "
+                             f"tokens_val {self.tokens_val}")
+        return self
+
+
+class ShardManifest(FileModel):
+    """`manifest.json`: the token layout, the split rule, and counts per shard and source."""
+
+    vocab_size: int = Field(ge=1)
+    token_dtype: Literal["uint16", "uint32"]
+    eot_token: str | None
+    eot_id: int | None
+    eot_appended: bool = False
+    special_tokens: dict[str, int]
+    val_fraction: float = Field(ge=0, lt=1)
+    split_rule: str
+    max_tokens_per_doc: int | None
+    overlong: Literal["split", "truncate"]
+    split_doc_id_format: str
+    shards: list[ShardEntry]
+    tokens_by_source: dict[str, dict[str, int]]
+    total_tokens: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _totals_add_up(self) -> "ShardManifest":
+        listed = sum(shard.tokens for shard in self.shards)
+        if listed != self.total_tokens:
+            raise ValueError(f"total_tokens {self.total_tokens} != {listed}, the sum over shards")
+        by_source = sum(sum(splits.values()) for splits in self.tokens_by_source.values())
+        if by_source != self.total_tokens:
+            raise ValueError(f"total_tokens {self.total_tokens} != {by_source}, the sum of tokens_by_source")
+        return self
+
+    @property
+    def tokens_train(self) -> int:
+        return sum(shard.tokens_train for shard in self.shards)
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+class ModelSpec(FileModel):
+    """A fully resolved model shape; `config.json` beside the weights of every lmforge model."""
+
+    arch: Literal["gpt", "bert"]
+    n_layer: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    d_model: int = Field(ge=1)
+    d_mlp: int = Field(ge=1)
+    seq_len: int = Field(ge=2)
+    vocab_size: int = Field(ge=1)     # real token ids run 0..vocab_size-1
+    padded_vocab_size: int            # embedding rows (a multiple of 128, fast matmuls)
+    dropout: float = 0.0
+    bias: bool = True
+    norm: Literal["pre", "post"] = "pre"
+    layer_norm_eps: float = 1e-5
+    type_vocab_size: int = 2          # BERT segments A/B
+    nsp: bool = False                 # BERT: a next-sentence head on [CLS]
+    n_experts: int = 0
+    top_k: int = 2
+    aux_loss_weight: float = 0.01
+    special_tokens: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size {self.padded_vocab_size} < vocab_size {self.vocab_size}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class PretrainArtifacts(FileModel):
+    """The `artifacts` of a pretrain `_SUCCESS.json`: where the final weights are, and their shape."""
+
+    final_checkpoint: str
+    model: ModelSpec
+
+    @classmethod
+    def from_success(cls, success: dict[str, Any], origin: Path | str) -> "PretrainArtifacts":
+        return cls.parse(success.get("artifacts"), f"{origin} (artifacts)")
+
+
+# ---- fine-tuning and evaluation results -----------------------------------------------------
+
+
+class TaskMetrics(FileModel):
+    """`<task>/metrics.json`: metric name -> value; every value finite and recomputable from predictions."""
+
+    task: str
+    n_examples: int = Field(ge=0)
+    metrics: dict[str, float]
+
+    @model_validator(mode="after")
+    def _finite(self) -> "TaskMetrics":
+        bad = [name for name, value in self.metrics.items() if not math.isfinite(value)]
+        if bad:
+            raise ValueError(f"metrics {bad} are not finite")
+        return self
+
+    def stats(self) -> dict[str, float]:
+        """The `stage_stats` rows: `<task>/<metric>`."""
+        return {f"{self.task}/{name}": value for name, value in self.metrics.items()}
+
+
+class PredictionRow(FileModel):
+    """One line of `<task>/predictions.jsonl`: enough for an independent scorer to recompute the metrics."""
+
+    id: str
+    prediction: JsonValue
+    gold: JsonValue
+
+
+def write_predictions(path: Path | str, rows: Iterable[PredictionRow]) -> int:
+    """Writes one JSON object per line through a temporary name; returns the number of rows."""
+    path, count = Path(path), 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(row.model_dump_json() + "\n")
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
+def read_predictions(path: Path | str) -> Iterator[PredictionRow]:
+    """The rows of a predictions file; a bad line raises `FileFormatError` naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: missing")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FileFormatError(f"{path}:{number}: not valid JSON ({err})") from None
+            try:
+                yield PredictionRow.model_validate(data)
+            except ValidationError as err:
+                raise FileFormatError(describe(err, path, f":{number}")) from None

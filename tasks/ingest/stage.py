@@ -1,0 +1,114 @@
+"""The ingest stage's work: stream every source of the recipe into the document Parquet format.
+
+Stats: `docs_in` counts every record that could have become a document, `docs_out` the documents
+written, and each other record lands in `dropped/ingest/<reason>`. Problems are also counted per
+file, `bad/<source>/<file>/<reason>`, and listed in `_SUCCESS.json` (`bad_inputs`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.documents import Document, DocumentWriter
+from storage.stage import StageContext, StageError, StageResult
+from tasks.ingest.config import FileSource, HfSource, IngestConfig, SourceBase, WikiOfflineSource, resolve_paths
+from tasks.ingest.readers import Rejected, read_hf, read_source_file, read_wiki_offline
+
+def keep_sampled(doc_id: str, rate: float, seed: int) -> bool:
+    """A seeded coin per document id: the same documents are kept whatever the reading order."""
+    if rate >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+def run(config: IngestConfig, ctx: StageContext) -> StageResult:
+    result = StageResult()
+    for source in config.sources:
+        with DocumentWriter(ctx.output / source.name, prefix="part") as writer:
+            written = _ingest_source(source, ctx.seed, writer, result)
+        result.count(f"by_source/{source.name}/docs_out", written)
+        if written == 0:
+            problems = sorted({b["reason"] for b in result.bad_inputs if b.get("source") == source.name})
+            raise StageError(f"source {source.name!r} yielded no documents"
+                             + (f" (problems: {', '.join(problems)})" if problems else ""))
+    return result
+
+
+def _ingest_source(source: SourceBase, seed: int, writer: DocumentWriter, result: StageResult) -> int:
+    """Streams one source into `writer`, applying its limits; returns the documents written."""
+    written = 0
+    for item in _items(source, result):
+        if isinstance(item, Rejected):
+            _reject(source, item, result)
+            continue
+        result.count("docs_in")
+        reason = _drop_reason(source, item, seed)
+        if reason:
+            result.count(f"dropped/ingest/{reason}")
+            continue
+        writer.write(item)
+        result.count("docs_out")
+        written += 1
+        if source.max_docs is not None and written >= source.max_docs:
+            break
+    return written
+
+
+def _drop_reason(source: SourceBase, doc: Document, seed: int) -> str | None:
+    if not doc.text.strip():
+        return "empty"
+    if len(doc.text) > source.max_doc_chars:
+        return "too_long"
+    if not keep_sampled(doc.id, source.sample_rate, seed):
+        return "sampled_out"
+    return None
+
+
+def _reject(source: SourceBase, item: Rejected, result: StageResult) -> None:
+    """Counts a rejected record as a dropped document, and every problem per file and reason."""
+    if item.is_record:
+        result.count("docs_in")
+        result.count(f"dropped/ingest/{item.reason}")
+    result.count(f"bad/{source.name}/{item.label or Path(item.path).name}/{item.reason}")
+    result.bad(item.path, item.reason, item.detail, item.where)
+    result.bad_inputs[-1]["source"] = source.name
+
+
+def file_labels(files: list[Path]) -> dict[Path, str]:
+    """How each file is named in ids and stats: its name, or, when names repeat, its path below the common folder."""
+    names = [p.name for p in files]
+    if len(set(names)) == len(names):
+        return {p: p.name for p in files}
+    base = Path(os.path.commonpath([p.parent for p in files]))
+    return {p: p.relative_to(base).as_posix() for p in files}
+
+
+def _items(source: SourceBase, result: StageResult) -> Iterator[Document | Rejected]:
+    """Every Document and Rejected of one source, file after file."""
+    if isinstance(source, WikiOfflineSource):
+        yield from read_wiki_offline(source)
+        return
+    if isinstance(source, HfSource):
+        yield from read_hf(source)
+        return
+    assert isinstance(source, FileSource)
+    files, missing = resolve_paths(source.paths)
+    for pattern in missing:
+        yield Rejected("missing_file", pattern, None, "no file matches", is_record=False)
+    labels = file_labels(files)
+    for path in files:
+        yield from _file_items(source, path, labels[path])
+
+
+def _file_items(source: FileSource, path: Path, label: str) -> Iterator[Document | Rejected]:
+    """One file's Documents and Rejected, the latter tagged with the file's label."""
+    try:
+        for item in read_source_file(source, path, label):
+            if isinstance(item, Rejected):
+                item.label = label
+            yield item
+    except OSError as err:
+        yield Rejected("unreadable_file", str(path), None, str(err), is_record=False, label=label)

@@ -88,7 +88,8 @@ def _scratch_for_inputs(scratch: Path, input_digests: dict[str, str]) -> Path:
 
 
 def _commit(stage: PlannedStage, info: RunInfo, ctx: StageContext, result: StageResult, wall_s: float) -> None:
-    record = {"config": stage.config.model_dump(mode="json"), "input_fingerprints": stage.input_fingerprints,
+    record = {"config": stage.config.model_dump(mode="json"), "input_stages": stage.inputs,
+              "input_fingerprints": stage.input_fingerprints,
               "input_digests": _current_input_digests(stage, info.workspace), "stats": result.stats,
               "bad_inputs": result.bad_inputs, "artifacts": result.artifacts, "wall_s": wall_s, "seed": info.seed,
               "run_id": info.run_id}

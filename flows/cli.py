@@ -17,6 +17,7 @@ app = typer.Typer(help="lmforge: raw text in, curated data, tokenizers, token sh
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks of stage errors")]
 WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="workspace directory "
                          "(default: $LMFORGE_WORKSPACE or ./workspace)", show_default=False)]
 
@@ -42,6 +43,20 @@ def _load(recipe: Path, overrides: list[str] | None):
         _fail(str(err))
 
 
+def _quiet_user_errors() -> None:
+    """A StageError is the user's to fix and the CLI prints it in one line: Prefect must not add tracebacks."""
+    import logging
+
+    from storage.stage import StageError
+
+    def keep(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, StageError) and "StageError" not in record.getMessage()
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(keep)
+
+
 def _sigterm_to_exit() -> None:
     """SIGTERM unwinds like Ctrl-C, so runs end KILLED in the catalog and MLflow, never stuck RUNNING."""
     def handler(signum: int, frame: object) -> None:
@@ -57,18 +72,21 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/d
         until: Annotated[Optional[str], typer.Option(help="stop after this stage")] = None,
         force: Annotated[Optional[list[str]], typer.Option(help="recompute these stages even if cached")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: a.b=value")] = None,
+        verbose: VerboseOpt = False,
         ) -> None:
     """Run a recipe: every stage whose output is not already in the workspace."""
     config = _load(recipe, set_)
-    _run_pipeline(config, workspace, _split(only), until, _split(force))
+    _run_pipeline(config, workspace, _split(only), until, _split(force), verbose)
 
 
-def _run_pipeline(config, workspace: Path | None, only, until, force) -> None:
+def _run_pipeline(config, workspace: Path | None, only, until, force, verbose: bool = False) -> None:
     from flows.pipeline import StageSelectionError, pipeline
     from storage.stage import StageError
     from storage.workspace import resolve_workspace
 
     _sigterm_to_exit()
+    if not verbose:
+        _quiet_user_errors()
     ws = resolve_workspace(workspace)
     try:
         outcomes = pipeline(config=config, workspace=str(ws), only=only, until=until, force=force)
@@ -96,12 +114,12 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], workspace:
 
 
 @app.command()
-def demo(workspace: WorkspaceOpt = None) -> None:
+def demo(workspace: WorkspaceOpt = None, verbose: VerboseOpt = False) -> None:
     """Run the offline demo recipe (configs/demo.yaml) on the bundled Wikipedia summaries."""
     recipe = REPO_ROOT / "configs" / "demo.yaml"
     if not recipe.is_file():
         _fail(f"{recipe} not found: run the demo from a checkout of lmforge")
-    _run_pipeline(_load(recipe, None), workspace, None, None, None)
+    _run_pipeline(_load(recipe, None), workspace, None, None, None, verbose)
 
 
 @app.command()

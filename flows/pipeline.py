@@ -11,7 +11,7 @@ from prefect import flow, task
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
-from flows.plan import CACHED, PENDING, PlannedStage, enabled_stages, is_fresh, make_plan
+from flows.plan import PlannedStage, enabled_stages, is_fresh, make_plan
 from flows.recipe import PipelineConfig
 from flows.runner import RunInfo, execute_stage, record_cached_stage
 from storage.catalog import Catalog
@@ -83,7 +83,8 @@ def pipeline(config: PipelineConfig, workspace: str = "./workspace", only: list[
 
 def _run_stages(config: PipelineConfig, ws: Workspace, selected: list[str], force: set[str],
                 info: RunInfo) -> list[dict[str, Any]]:
-    storage = result_storage(ws)
+    with ws.init_lock():
+        storage = result_storage(ws)
     outcomes = []
     for planned in make_plan(config, ws):
         if planned.name not in selected:
@@ -122,8 +123,7 @@ def _upstream_digests(planned: PlannedStage, ws: Workspace) -> dict[str, str]:
 
 def start_pipeline_run(config: PipelineConfig, ws: Workspace) -> RunInfo:
     """Marks runs that died by SIGKILL, then opens the catalog row and the MLflow parent run."""
-    catalog = Catalog(ws.catalog_path)
-    tracker = Tracker(ws.root, config.experiment)
+    catalog, tracker = open_stores(ws, config.experiment)
     mark_dead_runs(catalog, tracker)
     run_id = uuid.uuid4().hex[:16]
     tags = {"lmforge.run_id": run_id, "lmforge.recipe": config.name, "lmforge.pid": str(os.getpid()),
@@ -132,6 +132,12 @@ def start_pipeline_run(config: PipelineConfig, ws: Workspace) -> RunInfo:
     catalog.start_pipeline(run_id, config.name, os.getpid(), config.model_dump_json(exclude_none=True), parent,
                            _prefect_flow_run_id())
     return RunInfo(run_id, ws, tracker, catalog, parent, config.seed)
+
+
+def open_stores(ws: Workspace, experiment: str) -> tuple[Catalog, Tracker]:
+    """The catalog and the MLflow experiment, created under the workspace's init lock on first use."""
+    with ws.init_lock():
+        return Catalog(ws.catalog_path), Tracker(ws.root, experiment)
 
 
 def finish_pipeline_run(info: RunInfo, status: str) -> None:

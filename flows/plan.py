@@ -25,7 +25,7 @@ class PlannedStage:
 
 
 def enabled_stages(config: PipelineConfig) -> list[str]:
-    return [name for name in PIPELINE_ORDER if getattr(config, name, None) is not None]
+    return config.enabled_stages()
 
 
 def stage_fingerprint(name: str, section: StrictModel, input_fps: dict[str, str], seed: int) -> str:

@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from flows.stages import StageConfigs
+from flows.stages import PIPELINE_ORDER, STAGES, StageConfigs, input_stages
 
 
 class PipelineConfig(StageConfigs):
@@ -16,6 +16,17 @@ class PipelineConfig(StageConfigs):
     name: str = Field("lmforge", pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: str = Field("lmforge", description="MLflow experiment that holds the runs")
     seed: int = 1337
+
+    @model_validator(mode="after")
+    def _inputs_available(self) -> "PipelineConfig":
+        enabled = self.enabled_stages()
+        for name in enabled:
+            input_stages(STAGES[name], enabled)   # raises naming the stage and the missing input
+        return self
+
+    def enabled_stages(self) -> list[str]:
+        """The stages this recipe configures, in pipeline order."""
+        return [name for name in PIPELINE_ORDER if getattr(self, name, None) is not None]
 
 
 class RecipeError(ValueError):

@@ -31,15 +31,15 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in REGISTRY}
 PIPELINE_ORDER: list[str] = [stage.name for stage in REGISTRY]
 
 
-def _stage_configs_model() -> type[StrictModel]:
+def stage_configs_model(registry: tuple[Stage, ...]) -> type[StrictModel]:
     """One optional field per stage, in pipeline order; the pipeline config adds name, experiment and seed."""
-    fields: dict[str, Any] = {stage.name: (stage.config | None, None) for stage in REGISTRY}
+    fields: dict[str, Any] = {stage.name: (stage.config | None, None) for stage in registry}
     model = create_model("StageConfigs", __base__=StrictModel, **fields)
     model.__doc__ = "One optional section per stage; a stage left out of the recipe does not run."
     return model
 
 
-StageConfigs = _stage_configs_model()
+StageConfigs = stage_configs_model(REGISTRY)
 
 
 def input_stages(stage: Stage, enabled: list[str]) -> dict[str, str]:
@@ -51,7 +51,9 @@ def input_stages(stage: Stage, enabled: list[str]) -> dict[str, str]:
         if candidates:
             mapping[key] = candidates[-1]
         elif key in stage.reads:
-            raise ValueError(f"stage {stage.name!r} needs {key!r} from an earlier stage; add one to the recipe")
+            providers = [s.name for s in REGISTRY if key in s.keys]
+            raise ValueError(f"stage {stage.name!r} reads {key!r}, which no earlier stage of the recipe provides; "
+                             f"add one of: {', '.join(providers)}")
     return mapping
 
 

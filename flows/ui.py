@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from storage.telemetry import TELEMETRY_OFF
-from storage.tracking import artifact_location, redact_uri, tracking_uri
+from storage.tracking import Tracker, artifact_location, redact_uri, tracking_uri
 from storage.workspace import Workspace
 
 
@@ -24,6 +24,8 @@ def ui_commands(ws: Workspace, host: str, prefect_port: int, mlflow_port: int) -
 def serve_uis(ws: Workspace, host: str, prefect_port: int, mlflow_port: int) -> None:
     """Starts both servers, prints their addresses, and stops both on Ctrl-C or when one exits."""
     env = {**os.environ, **TELEMETRY_OFF}
+    with ws.init_lock():   # the sqlite store is created here, never by the server racing a pipeline run
+        Tracker(ws.root, "lmforge")
     procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in ui_commands(ws, host, prefect_port, mlflow_port).items()}
     print(f"Prefect UI: http://{host}:{prefect_port}   (set PREFECT_API_URL=http://{host}:{prefect_port}/api "
           "before `lmforge run` to see runs there)")

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,18 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive fcntl lock on `path` (created if needed), released on exit or when the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -134,23 +146,17 @@ class Workspace:
         shutil.rmtree(old, ignore_errors=True)
         return final
 
-    @contextmanager
-    def lock(self, stage: str, fingerprint: str) -> Iterator[None]:
+    def lock(self, stage: str, fingerprint: str) -> AbstractContextManager[None]:
         """Only one process at a time builds a given stage output (others wait, then find it done)."""
-        path = self.lock_path(stage, fingerprint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.lock_path(stage, fingerprint))
 
-    def invalidate(self, stage: str, fingerprint: str) -> None:
-        """Forget a finished stage (for `--force`): remove its `_SUCCESS.json` first, then its files."""
-        final = self.stage_dir(stage, fingerprint)
-        (final / SUCCESS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(final, ignore_errors=True)
+    def init_lock(self) -> AbstractContextManager[None]:
+        """Held while a process opens (and on first use creates) the workspace's shared stores.
+
+        MLflow's sqlite schema, the catalog tables and Prefect's result block are created on first
+        use; two processes starting at once on a fresh workspace must not both create them.
+        """
+        return file_lock(self.root / "locks" / "workspace-init.lock")
 
     def clean_temp_dirs(self, stage: str, fingerprint: str) -> int:
         """Remove `*.tmp-*` leftovers of crashed attempts at this stage; returns how many."""

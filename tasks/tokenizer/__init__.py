@@ -10,10 +10,10 @@ from tasks.tokenizer.config import GPT4_PATTERN, TokenizerConfig
 from tasks.tokenizer.files import CONFIG_FILE, HF_FILE, RANKS_FILE, Vocabulary, load_encoding, read_vocabulary
 from tasks.tokenizer.pretrained import external_inputs
 
-VERSION = "1"
+VERSION = "2"   # 2: held-out and train_fraction choice by storage.sampling.unit_hash
 
 STAGE = Stage(name="tokenizer", version=VERSION, config=TokenizerConfig, run=deferred("tasks.tokenizer.stage:run"),
-              reads=("documents",), external_inputs=external_inputs)
+              optional_reads=("documents",), external_inputs=external_inputs)   # a pretrained one needs none
 run = STAGE.run
 __all__ = ["CONFIG_FILE", "GPT4_PATTERN", "HF_FILE", "RANKS_FILE", "STAGE", "VERSION", "TokenizerConfig",
            "Vocabulary", "external_inputs", "load_encoding", "read_vocabulary", "run"]

@@ -218,3 +218,33 @@ def test_the_flow_parameters_are_the_pipeline_config():
     assert schema["required"] == ["config"]
     config_schema = schema["definitions"]["PipelineConfig"]["properties"]
     assert {"ingest", "curate", "dedup", "tokenizer", "shard", "seed"} <= set(config_schema)
+
+
+def test_a_stage_error_is_one_line_without_tracebacks(tmp_path, cli):
+    recipe = write_recipe(tmp_path / "bad.yaml", {"name": "bad", "ingest": {"sources": [
+        {"name": "txt", "kind": "text", "paths": [str(tmp_path / "missing/*.txt")]}]}})
+    out = cli(["run", str(recipe), "-w", str(tmp_path / "ws")])
+    assert out.returncode == 1
+    assert "error: source 'txt' yielded no documents (problems: missing_file)" in out.stderr
+    assert "Traceback" not in out.stderr and "StageError" not in out.stderr, out.stderr[-3000:]
+    verbose = cli(["run", str(recipe), "-w", str(tmp_path / "ws"), "-v"])
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr       # -v shows where it came from
+    assert catalog_rows(tmp_path / "ws", "select status from stage_runs") == [("failed",), ("failed",)]
+
+
+def test_two_runs_started_at_once_on_a_fresh_workspace_both_finish_and_build_each_stage_once(
+        tmp_path, shared_data, prefect_api):
+    recipe = write_recipe(tmp_path / "race.yaml", {"name": "race", "ingest": {"sources": [
+        {"name": "dolma", "kind": "jsonl", "paths": [str(shared_data / "raw/dolma_ccnet_cc_en_head-0091.jsonl")]},
+        {"name": "cc", "kind": "warc", "paths": [str(shared_data / "raw/*.warc.gz")]}]},
+        "tokenizer": {"vocab_size": 300, "heldout_docs": 2}, "shard": {"val_fraction": 0.1}})
+    ws = tmp_path / "fresh"
+    command = [sys.executable, "-m", "flows.cli", "run", str(recipe), "-w", str(ws), "--until", "shard"]
+    procs = [subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+    rows = catalog_rows(ws, "select stage, count(*) filter (not cached), count(*) from stage_runs group by stage")
+    assert sorted(rows) == [("ingest", 1, 2), ("shard", 1, 2), ("tokenizer", 1, 2)]   # built once, used twice
+    assert catalog_rows(ws, "select status, count(*) from pipeline_runs group by status") == [("finished", 2)]

@@ -12,6 +12,10 @@ raw dict of these files.
 | pretrain `_SUCCESS.json` `artifacts`   | `PretrainArtifacts` | pretrain        | finetune, evaluate         |
 | `<task>/metrics.json`                  | `TaskMetrics`     | finetune, evaluate | dashboard, scorers        |
 | `<task>/predictions.jsonl`             | `PredictionRow`   | finetune, evaluate | dashboard, scorers        |
+
+`metrics.json` is a flat mapping (metric name -> value, the task's official metric first, by its usual
+name: `accuracy`, `f1`, `exact`, `matthews_corrcoef`, ...); each line of `predictions.jsonl` is
+`{id, prediction, gold}`, so an independent scorer can recompute every number.
 """
 from __future__ import annotations
 
@@ -22,11 +26,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
 
 from storage.stage import StageError
 
-T = TypeVar("T", bound="FileModel")
+T = TypeVar("T", bound="JsonFile")
 JsonValue = str | int | float | bool | None | list[Any] | dict[str, Any]
 
 
@@ -44,10 +48,8 @@ def describe(err: ValidationError, path: Path | str, where: str = "") -> str:
     return f"{path}{where}: " + "; ".join(problems)
 
 
-class FileModel(BaseModel):
-    """A JSON file with a fixed shape: frozen, unknown fields rejected."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class JsonFile:
+    """Reading and writing one JSON file through a pydantic model (mixed into `FileModel`, `TaskMetrics`)."""
 
     @classmethod
     def read(cls: type[T], path: Path | str) -> T:
@@ -75,6 +77,12 @@ class FileModel(BaseModel):
         tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+
+class FileModel(JsonFile, BaseModel):
+    """A JSON object with a fixed shape: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 # ---- tokenizer ------------------------------------------------------------------------------
@@ -187,6 +195,14 @@ class ModelSpec(FileModel):
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    def write(self, path: Path | str) -> Path:
+        """Keys sorted, as lmforge has always written `config.json` (its bytes enter checkpoint digests)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
 
 class PretrainArtifacts(FileModel):
     """The `artifacts` of a pretrain `_SUCCESS.json`: where the final weights are, and their shape."""
@@ -202,23 +218,21 @@ class PretrainArtifacts(FileModel):
 # ---- fine-tuning and evaluation results -----------------------------------------------------
 
 
-class TaskMetrics(FileModel):
-    """`<task>/metrics.json`: metric name -> value; every value finite and recomputable from predictions."""
+class TaskMetrics(JsonFile, RootModel[dict[str, float]]):
+    """`<task>/metrics.json`: metric name -> value, the official metric(s) first; every value finite."""
 
-    task: str
-    n_examples: int = Field(ge=0)
-    metrics: dict[str, float]
+    model_config = ConfigDict(frozen=True)
 
     @model_validator(mode="after")
     def _finite(self) -> "TaskMetrics":
-        bad = [name for name, value in self.metrics.items() if not math.isfinite(value)]
+        bad = [name for name, value in self.root.items() if not math.isfinite(value)]
         if bad:
             raise ValueError(f"metrics {bad} are not finite")
         return self
 
-    def stats(self) -> dict[str, float]:
-        """The `stage_stats` rows: `<task>/<metric>`."""
-        return {f"{self.task}/{name}": value for name, value in self.metrics.items()}
+    def stats(self, task: str) -> dict[str, float]:
+        """The `stage_stats` rows of one task: `<task>/<metric>`."""
+        return {f"{task}/{name}": value for name, value in self.root.items()}
 
 
 class PredictionRow(FileModel):

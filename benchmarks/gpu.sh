@@ -2,7 +2,9 @@
 # Pretrain throughput on one CUDA GPU: gpt2-124m (12 layers, 768 wide, vocab 50257, block 1024),
 # bf16 autocast, torch.compile, fused AdamW, flash SDPA, nanoGPT's 0.5M-token batch with the largest
 # micro-batch that fits (probed), 5 warm-up + 20 timed steps of lmforge's trainer. Prints tokens/s
-# and MFU (against the GPU's dense bf16 peak) and writes them under $OUT. Takes 2-4 minutes.
+# and MFU (against the GPU's dense bf16 peak from tasks/training/runtime.py's table; "n/a" for a GPU
+# the table does not know), then GPT.generate with and without the KV cache, and writes it all
+# under $OUT. Takes 2-4 minutes.
 #
 #   OUT=/tmp/out benchmarks/gpu.sh
 #
@@ -47,6 +49,8 @@ fi
 {
     echo "python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'))"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    "$PY" -c 'import torch; from tasks.training.runtime import gpu_peak_flops as peak; name = torch.cuda.get_device_name(0); print("peak table:", repr(name), "bf16", peak(name, "bf16"), "fp32/TF32", peak(name, "fp32"))'
 } | tee "$OUT/gpu_env.txt"
 
 timeout 290 "$PY" benchmarks/pretrain.py --gpu --json "$OUT/pretrain_gpu.json" 2>&1 | tee "$OUT/pretrain_gpu.log"
+timeout 120 "$PY" benchmarks/pretrain.py --gpu --generate 2>&1 | tee "$OUT/generate_gpu.log"

@@ -12,6 +12,7 @@ an estimate on CPUs), the share of step time spent waiting on data, and lmforge/
     python benchmarks/pretrain.py --quick        # fp32 and bf16, a few steps: well under a minute
     python benchmarks/pretrain.py                # more steps, plus bf16 + torch.compile
     python benchmarks/pretrain.py --gpu          # gpt2-124m, bf16 + compile on CUDA (benchmarks/gpu.sh)
+    python benchmarks/pretrain.py --generate     # GPT.generate: KV cache against recomputing the prefix
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from storage.formats import ShardEntry, ShardManifest  # noqa: E402
 from storage.stage import StageContext  # noqa: E402
+from tasks.models import GPT, build_model, flops_per_token  # noqa: E402
 from tasks.pretrain.config import ModelConfig, PretrainConfig  # noqa: E402
-from tasks.pretrain.objectives import build_model, flops_per_token  # noqa: E402
-from tasks.pretrain.runtime import DistEnv, autocast  # noqa: E402
+from tasks.pretrain.objectives import make_objective  # noqa: E402
 from tasks.pretrain.stage import trainer_spec  # noqa: E402
-from tasks.pretrain.train import Trainer  # noqa: E402
+from tasks.training.loop import Trainer  # noqa: E402
+from tasks.training.runtime import DistEnv, autocast  # noqa: E402
 
 SHAKESPEARE = ROOT / ".." / "shared" / "data" / "raw" / "tinyshakespeare_input.txt"
 
@@ -57,7 +60,7 @@ class Result:
     tokens_per_s: float            # at the fastest timed step (the machine may be shared)
     step_s: float                  # the fastest timed step
     median_step_s: float
-    mfu: float
+    mfu: float | None              # None: the device's peak is unknown
     data_wait_share: float
     step_times: list[float]
 
@@ -166,12 +169,13 @@ def write_shards(directory: Path, tokens: np.ndarray, vocab: int, doc_tokens: in
     table = pa.table({"doc_id": [f"doc-{i}" for i in range(n_docs)], "source": ["bench"] * n_docs,
                       "split": ["train"] * n_docs, "tokens": lists})
     pq.write_table(table, directory / "shards" / "shard-00000.parquet", compression="zstd", row_group_size=64)
-    manifest = {"vocab_size": vocab, "token_dtype": str(dtype), "eot_token": "<|endoftext|>", "eot_id": vocab - 1,
-                "special_tokens": {"<|endoftext|>": vocab - 1}, "eot_appended": False, "val_fraction": 0.0,
-                "shards": [{"path": "shards/shard-00000.parquet", "rows": n_docs, "tokens": len(tokens),
-                            "tokens_train": len(tokens), "tokens_val": 0}],
-                "tokens_by_source": {"bench": len(tokens)}, "total_tokens": len(tokens)}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    shard = ShardEntry(path="shards/shard-00000.parquet", rows=n_docs, tokens=len(tokens), tokens_train=len(tokens),
+                       tokens_val=0)
+    ShardManifest(vocab_size=vocab, token_dtype=str(dtype), eot_token="<|endoftext|>", eot_id=vocab - 1,
+                  special_tokens={"<|endoftext|>": vocab - 1}, val_fraction=0.0, split_rule="all train (benchmark)",
+                  max_tokens_per_doc=None, overlong="split", split_doc_id_format="<doc_id>#<part>", shards=[shard],
+                  tokens_by_source={"bench": {"train": len(tokens), "val": 0}},
+                  total_tokens=len(tokens)).write(directory / "manifest.json")
     return directory
 
 
@@ -189,8 +193,8 @@ def lmforge_trainer(args: argparse.Namespace, shards: Path, work: Path, precisio
     scratch = Path(tempfile.mkdtemp(dir=work))            # fresh: nothing to resume from
     ctx = StageContext("pretrain", "bench", scratch / "out", scratch, {"shard": shards}, work, seed=0)
     spec = trainer_spec(lmforge_config(args, precision, compiled), ctx)
-    Path(spec.run_dir).mkdir(parents=True)
-    return Trainer(spec, env)
+    Path(spec.loop.run_dir).mkdir(parents=True)
+    return Trainer(spec.loop, make_objective(spec), env)
 
 
 def measure(args: argparse.Namespace, shards: Path, work: Path, tokens: np.ndarray, precision: str,
@@ -210,7 +214,7 @@ def measure(args: argparse.Namespace, shards: Path, work: Path, tokens: np.ndarr
                 ref.append(reference.step())
     finally:
         batches.close()
-    tokens_per_step = trainer.spec.sequences_per_rank * trainer.spec.model.seq_len
+    tokens_per_step = trainer.cfg.sequences_per_rank * trainer.spec.seq_len
     results = [summarize("lmforge", precision, compiled, mine[args.warmup:], tokens_per_step, flops, trainer.peak)]
     if ref:
         results.insert(0, summarize("reference", precision, compiled, ref[args.warmup:], tokens_per_step, flops,
@@ -219,11 +223,11 @@ def measure(args: argparse.Namespace, shards: Path, work: Path, tokens: np.ndarr
 
 
 def summarize(name: str, precision: str, compiled: bool, steps: list[tuple[float, float]], tokens: int,
-              flops: float, peak: float) -> Result:
+              flops: float, peak: float | None) -> Result:
     times = [t for t, _ in steps]
     rate = tokens / min(times)
-    return Result(name, precision, compiled, rate, min(times), statistics.median(times), rate * flops / peak,
-                  sum(w for _, w in steps) / sum(times), times)
+    return Result(name, precision, compiled, rate, min(times), statistics.median(times),
+                  rate * flops / peak if peak else None, sum(w for _, w in steps) / sum(times), times)
 
 
 # ---- running and printing --------------------------------------------------------------------
@@ -233,6 +237,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fp32 + bf16, few steps (well under a minute)")
     parser.add_argument("--gpu", action="store_true", help="gpt2-124m, bf16 + compile on CUDA, lmforge only")
+    parser.add_argument("--generate", action="store_true", help="GPT.generate with and without the KV cache")
+    parser.add_argument("--new-tokens", type=int, default=None, help="--generate: tokens to generate (default seq_len)")
     parser.add_argument("--preset", default="gpt-mini")
     parser.add_argument("--n-layer", type=int, default=6)
     parser.add_argument("--n-head", type=int, default=6)
@@ -271,6 +277,8 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, bool]]:
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.generate:
+        return generate_speed(args, device)
     if args.gpu and device.type != "cuda":
         raise SystemExit("--gpu needs a CUDA device and a torch build that sees it")
     env = DistEnv(rank=0, local_rank=0, world=1, device=device)
@@ -308,7 +316,8 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     print(f"\n{'side':10} {'precision':16} {'tokens/s':>10} {'step (s)':>9} {'median':>7} {'MFU':>7} {'data wait':>10}")
     for r in results:
         label = r.precision + (" + compile" if r.compiled else "")
-        print(f"{r.name:10} {label:16} {r.tokens_per_s:10,.0f} {r.step_s:9.3f} {r.median_step_s:7.3f} {r.mfu:7.1%} "
+        mfu = f"{r.mfu:7.1%}" if r.mfu is not None else "    n/a"
+        print(f"{r.name:10} {label:16} {r.tokens_per_s:10,.0f} {r.step_s:9.3f} {r.median_step_s:7.3f} {mfu} "
               f"{r.data_wait_share:10.2%}")
     print("(tokens/s and MFU at the fastest timed step; data wait = time blocked on the loader / step time)")
     print()
@@ -322,10 +331,32 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             paired = statistics.median(a / b for m, r in zip(mine, ref) for a, b in zip(r.step_times, m.step_times))
             print(f"lmforge/reference tokens/s, {label}: {best:.2f}x (best steps), {paired:.2f}x (median of step pairs)")
         elif mine:
+            mfu = [r.mfu for r in mine if r.mfu is not None]
             print(f"lmforge {label}: {max(r.tokens_per_s for r in mine):,.0f} tokens/s, "
-                  f"MFU {max(r.mfu for r in mine):.1%}")
+                  f"MFU {f'{max(mfu):.1%}' if mfu else 'n/a (unknown device: pass peak_flops)'}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+
+
+def generate_speed(args: argparse.Namespace, device: torch.device) -> None:
+    """Greedy continuations of a one-token prompt, cached and uncached: the same tokens, and how much faster."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = ModelConfig(preset=args.preset, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                       d_mlp=4 * args.d_model, seq_len=args.seq_len).resolve(args.vocab, {"<|endoftext|>": 0})
+    torch.manual_seed(0)
+    model = GPT(spec).to(device).eval()
+    prompt, new = torch.zeros((1, 1), dtype=torch.long, device=device), args.new_tokens or args.seq_len - 1
+    seconds, outputs = {}, {}
+    for use_cache in (True, False, True):              # the first cached run warms up
+        start = time.perf_counter()
+        outputs[use_cache] = model.generate(prompt, new, temperature=0, use_cache=use_cache)
+        seconds[use_cache] = time.perf_counter() - start
+    same = torch.equal(outputs[True], outputs[False])
+    print(f"GPT.generate on {device} ({torch.get_num_threads()} threads): {args.n_layer} layers, {args.d_model} wide, "
+          f"block {args.seq_len}, vocab {args.vocab}; {new} new tokens, greedy")
+    print(f"  KV cache: {new / seconds[True]:8.1f} tokens/s    recompute: {new / seconds[False]:8.1f} tokens/s    "
+          f"speedup {seconds[False] / seconds[True]:.1f}x    same tokens: {same}")
 
 
 if __name__ == "__main__":

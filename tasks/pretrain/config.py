@@ -1,18 +1,26 @@
 """The pretrain stage's config: model shape, optimizer and schedule, batch, launch, logging, sampling.
 
-`PretrainConfig` is what a recipe writes. `ModelSpec` is the resolved model shape (preset merged
-with explicit fields, the vocabulary from the shard manifest) that is saved as `config.json` beside
-the weights. `TrainerSpec` is the JSON file the stage hands to every torchrun worker.
+`PretrainConfig` is what a recipe writes. `ModelSpec` (`storage.formats`) is the resolved model shape
+(preset merged with explicit fields, the vocabulary from the shard manifest) that is saved as
+`config.json` beside the weights. `TrainerSpec` is the JSON file the stage hands to every torchrun
+worker. Importing this module does not import torch (recipes are validated without it).
+
+Every field changes the output, is rejected where it could not, or (for a knob a shared recipe
+legitimately carries while another knob switches its feature off) is left out of the fingerprint.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from storage.configbase import StrictModel
 from storage.formats import ModelSpec
 from tasks.pretrain.presets import get_preset
+from tasks.training.config import LoopConfig, OptimConfig
+
+__all__ = ["LoopConfig", "ModelConfig", "MoEConfig", "ModelSpec", "OptimConfig", "PretrainConfig", "SampleConfig",
+           "TrainerSpec"]
 
 VOCAB_MULTIPLE = 128                 # the embedding is padded to this multiple (fast matmuls)
 BERT_SPECIALS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]")
@@ -30,6 +38,11 @@ class MoEConfig(StrictModel):
     def _top_k_fits(self) -> "MoEConfig":
         if self.n_experts and self.top_k > self.n_experts:
             raise ValueError(f"model.moe.top_k={self.top_k} exceeds model.moe.n_experts={self.n_experts}")
+        if not self.n_experts:
+            for name in ("top_k", "aux_loss_weight"):
+                if getattr(self, name) != MoEConfig.model_fields[name].default:
+                    raise ValueError(f"model.moe.{name}={getattr(self, name)} has no effect without experts; "
+                                     "set model.moe.n_experts or remove it")
         return self
 
 
@@ -89,25 +102,6 @@ class ModelConfig(StrictModel):
         )
 
 
-class OptimConfig(StrictModel):
-    """AdamW with decoupled weight decay; linear warmup, then cosine or linear decay to a floor."""
-
-    lr: float = Field(6e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the floor, as a fraction of lr")
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    decay: Literal["cosine", "linear"] = "cosine"
-    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 turns clipping off")
-
-    @model_validator(mode="after")
-    def _betas_in_range(self) -> "OptimConfig":
-        if not all(0 <= beta < 1 for beta in self.betas):
-            raise ValueError(f"optim.betas={self.betas} must both lie in [0, 1)")
-        return self
-
-
 class SampleConfig(StrictModel):
     """Continuations the finished GPT writes to samples.txt (needs the tokenizer stage's output)."""
 
@@ -164,21 +158,52 @@ class PretrainConfig(StrictModel):
             raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (host:port reachable from every node)")
         return self
 
+    @model_validator(mode="after")
+    def _every_knob_acts(self) -> "PretrainConfig":
+        """Knobs that this run could not use are errors, so no two fingerprints name the same model."""
+        if self.model.resolved_arch() == "gpt":
+            if self.mlm_probability != PretrainConfig.model_fields["mlm_probability"].default:
+                raise ValueError(f"mlm_probability={self.mlm_probability} is a BERT option (masked-LM); "
+                                 "a GPT run has no masking: remove it")
+            if not self.nsp:
+                raise ValueError("nsp=false is a BERT option (next-sentence prediction); GPT has none: remove it")
+        if self.dist == "fsdp" and self.world_size == 1:
+            raise ValueError("dist='fsdp' shards the model across processes; with one process it does nothing: "
+                             "use dist='ddp' or raise nproc_per_node")
+        return self
+
+    def output_fields(self) -> dict[str, Any]:
+        """The fingerprinted fields, less those whose feature this run switches off.
+
+        A recipe shared by a GPT and a BERT run (`--set pretrain.model.arch=bert`), or one with
+        evaluation or periodic checkpoints turned off by a `--set`, keeps its `sample`,
+        `eval_batches` and `keep_last`; they change nothing then, so they do not enter the fingerprint.
+        """
+        data = super().output_fields()
+        idle = {"sample": self.model.resolved_arch() == "bert", "eval_batches": not self.eval_every,
+                "keep_last": not self.checkpoint_every}
+        return {name: value for name, value in data.items() if not idle.get(name)}
+
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
+
+    def loop_config(self, run_dir: str, seed: int, sequences_per_rank: int, max_steps: int,
+                    mlflow_tracking_uri: str | None = None, mlflow_run_id: str | None = None) -> LoopConfig:
+        """What the shared training loop is told about this run."""
+        fields = ("optim", "micro_batch", "precision", "compile", "device", "dist", "checkpoint_every", "keep_last",
+                  "log_every", "eval_every", "eval_batches", "on_nonfinite", "peak_flops", "progress")
+        return LoopConfig(name="pretrain", run_dir=run_dir, seed=seed, max_steps=max_steps,
+                          sequences_per_rank=sequences_per_rank, mlflow_tracking_uri=mlflow_tracking_uri,
+                          mlflow_run_id=mlflow_run_id, **{name: getattr(self, name) for name in fields})
 
 
 class TrainerSpec(StrictModel):
     """Everything a torchrun worker needs, written by the stage as JSON (no secrets, no environment)."""
 
-    config: PretrainConfig
+    loop: LoopConfig
     model: ModelSpec
     shard_dir: str
-    run_dir: str                      # in the stage's scratch: checkpoints, metrics, final model
-    seed: int
-    sequences_per_rank: int           # per optimizer step
-    max_steps: int
+    mlm_probability: float            # the masked-LM objective's
+    sample: SampleConfig              # the causal-LM objective's samples.txt
     tokenizer_dir: str | None = None
-    mlflow_tracking_uri: str | None = None
-    mlflow_run_id: str | None = None

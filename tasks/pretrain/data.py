@@ -8,11 +8,8 @@ is in memory at a time.
 """
 from __future__ import annotations
 
-import json
-import queue
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from storage.formats import ShardManifest
+from tasks.training.batches import Batch
 
 MANIFEST = "manifest.json"
 IS_NEXT, NOT_NEXT = 0, 1            # next-sentence labels, in the HF convention
@@ -51,12 +51,13 @@ class LoaderState:
         return asdict(self)
 
 
-def read_manifest(shard_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(shard_dir) / MANIFEST).read_text())
+def read_manifest(shard_dir: Path) -> ShardManifest:
+    """The shard stage's `manifest.json`; a bad one raises `FileFormatError` naming the file and field."""
+    return ShardManifest.read(Path(shard_dir) / MANIFEST)
 
 
-def shard_paths(shard_dir: Path, manifest: dict[str, Any]) -> list[Path]:
-    return [Path(shard_dir) / entry["path"] for entry in manifest["shards"]]
+def shard_paths(shard_dir: Path, manifest: ShardManifest) -> list[Path]:
+    return [Path(shard_dir) / entry.path for entry in manifest.shards]
 
 
 def split_row_groups(paths: list[Path], split: str) -> list[RowGroup]:
@@ -264,15 +265,6 @@ def _random_span(starts: np.ndarray, lengths: np.ndarray, docs: list[int], exclu
     return int(starts[other]) + offset, size
 
 
-@dataclass
-class Batch:
-    """One micro-batch: the model's keyword arguments, and the loader state right after it."""
-
-    arrays: dict[str, np.ndarray | None]
-    state: dict[str, int]
-    tokens: int                        # real (non-padding) tokens in the batch
-
-
 def gpt_batches(stream: TokenStream, micro_batch: int, seq_len: int) -> Iterator[Batch]:
     """Windows of seq_len + 1 tokens: inputs are the first seq_len, targets the last seq_len."""
     while True:
@@ -282,15 +274,15 @@ def gpt_batches(stream: TokenStream, micro_batch: int, seq_len: int) -> Iterator
 
 
 def bert_batches(stream: PairStream, micro_batch: int) -> Iterator[Batch]:
-    """Stacked pairs; `keep` marks real tokens, or is None when nothing in the batch is padding."""
+    """Stacked pairs; `attention_mask` marks real tokens, or is None when nothing in the batch is padding."""
     while True:
         examples = [stream.take() for _ in range(micro_batch)]
         input_ids = np.stack([e[0] for e in examples])
-        keep = input_ids != stream.ids.pad
+        real = input_ids != stream.ids.pad
         arrays = {"input_ids": input_ids, "segment_ids": np.stack([e[1] for e in examples]),
                   "nsp_labels": np.array([e[2] for e in examples], dtype=np.int64),
-                  "keep": None if keep.all() else keep}
-        yield Batch(arrays, stream.state.as_dict(), int(keep.sum()))
+                  "attention_mask": None if real.all() else real}
+        yield Batch(arrays, stream.state.as_dict(), int(real.sum()))
 
 
 def strided(batches: Iterator[Batch], rank: int, world: int) -> Iterator[Batch]:
@@ -298,50 +290,3 @@ def strided(batches: Iterator[Batch], rank: int, world: int) -> Iterator[Batch]:
     for index, batch in enumerate(batches):
         if index % world == rank:
             yield batch
-
-
-class Prefetcher:
-    """Runs an iterator in a background thread, `depth` items ahead; errors surface in the consumer."""
-
-    _DONE = object()
-
-    def __init__(self, items: Iterator[Any], transform: Callable[[Any], Any] = lambda x: x, depth: int = 2) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(items, transform), daemon=True)
-        self._thread.start()
-
-    def _fill(self, items: Iterator[Any], transform: Callable[[Any], Any]) -> None:
-        try:
-            for item in items:
-                if not self._put((True, transform(item))):
-                    return
-        except BaseException as exc:       # handed to the consumer, which re-raises it
-            self._put((False, exc))
-            return
-        self._put((True, self._DONE))
-
-    def _put(self, entry: tuple[bool, Any]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> "Prefetcher":
-        return self
-
-    def __next__(self) -> Any:
-        ok, item = self._queue.get()
-        if not ok:
-            raise item
-        if item is self._DONE:
-            raise StopIteration
-        return item
-
-    def close(self) -> None:
-        """Stops the thread and waits for it, so it is never cut off inside a native call at exit."""
-        self._stop.set()
-        self._thread.join(timeout=30)

@@ -1,63 +1,156 @@
-"""What training optimizes: model construction, the BERT masking, AdamW groups, the LR schedule, FLOPs."""
+"""What pretraining optimizes, one objective per architecture: causal LM (GPT) and masked LM (BERT).
+
+Both stream the shard stage's token shards (`tasks.pretrain.data`): each rank its own row groups for
+training, one shared stream dealt out round-robin for validation. `OBJECTIVES` maps a model's
+`arch` to its objective; it is the one place pretraining chooses by architecture.
+"""
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from tasks.pretrain.bert import IGNORE, BertForPretraining
-from tasks.pretrain.config import ModelSpec, OptimConfig
-from tasks.pretrain.gpt import GPT
+from storage.formats import ModelSpec
+from tasks.models import IGNORE, build_model
+from tasks.pretrain.config import SampleConfig, TrainerSpec
+from tasks.pretrain.data import (LoaderState, PairIds, PairStream, TokenStream, bert_batches, gpt_batches,
+                                 read_manifest, shard_paths, split_row_groups, strided)
+from tasks.tokenizer import load_encoding
+from tasks.training.objective import Batch, Loss, Objective
 
-POSITION_PARAMS = ("wpe.weight", "bert.position.weight")
-
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    return GPT(spec) if spec.arch == "gpt" else BertForPretraining(spec)
-
-
-def count_params(model: nn.Module, spec: ModelSpec) -> int:
-    """Parameters the model really has: the vocabulary's padding rows are not counted."""
-    padding_rows = spec.padded_vocab_size - spec.vocab_size
-    padding = padding_rows * spec.d_model + (padding_rows if spec.arch == "bert" else 0)   # + BERT's MLM bias
-    return sum(p.numel() for p in model.parameters()) - padding
+EOT = "<|endoftext|>"
+SAMPLES_FILE = "samples.txt"
 
 
-def flops_per_token(model: nn.Module, spec: ModelSpec) -> float:
-    """Training FLOPs per token: 6N (forward + backward over the weights) plus attention, 12 L d T.
+class ShardObjective(Objective):
+    """Language-model pretraining on token shards; subclasses say how a split becomes micro-batches."""
 
-    N leaves out position embeddings (a lookup) and, with experts, counts only the top-k share of
-    the expert weights, which is what a token passes through (PaLM appendix B; nanoGPT's MFU).
-    """
-    total = 0.0
-    for name, param in model.named_parameters():
-        if name in POSITION_PARAMS:
-            continue
-        share = spec.top_k / spec.n_experts if ".experts." in name else 1.0
-        total += param.numel() * share
-    return 6 * total + 12 * spec.n_layer * spec.d_model * spec.seq_len
+    def __init__(self, spec: TrainerSpec) -> None:
+        self.trainer, self.spec, self.seed = spec, spec.model, spec.loop.seed
+        paths = shard_paths(Path(spec.shard_dir), read_manifest(Path(spec.shard_dir)))
+        self.groups = {split: split_row_groups(paths, split) for split in ("train", "val")}
+
+    @abstractmethod
+    def _batches(self, split: str, state: LoaderState | None, rank: int, world: int, micro_batch: int,
+                 shuffle: bool) -> Iterator[Batch]:
+        """Micro-batches of `split` from this rank's row groups (of `world`), starting at `state`."""
+
+    def _stream_args(self, split: str, state: LoaderState | None, rank: int, world: int,
+                     shuffle: bool) -> dict[str, Any]:
+        return dict(split=split, rank=rank, world=world, seed=self.seed, vocab_size=self.spec.vocab_size,
+                    shuffle=shuffle, state=state)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.spec)
+
+    def train_batches(self, rank: int, world: int, micro_batch: int,
+                      position: dict[str, int] | None) -> Iterator[Batch]:
+        state = LoaderState(**position) if position else None
+        return self._batches("train", state, rank, world, micro_batch, shuffle=True)
+
+    def val_batches(self, rank: int, world: int, micro_batch: int) -> Iterator[Batch]:
+        # One stream dealt out by batch: the val split may have fewer row groups than there are ranks.
+        return strided(self._batches("val", None, 0, 1, micro_batch, shuffle=False), rank, world)
+
+    def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor | None]) -> Loss:
+        out = model(**inputs)
+        return Loss(out.loss, out.lm_loss)
+
+    def val_metrics(self, loss: float) -> dict[str, float]:
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
+    def _random_ids(self, size: int, device: torch.device) -> torch.Tensor:
+        return torch.randint(self.spec.vocab_size, (size, self.spec.seq_len), device=device)
+
+
+class CausalLM(ShardObjective):
+    """GPT: predict every next token of packed windows; the finished model writes samples.txt."""
+
+    def _batches(self, split: str, state: LoaderState | None, rank: int, world: int, micro_batch: int,
+                 shuffle: bool) -> Iterator[Batch]:
+        stream = TokenStream(self.groups[split], eot_id=self.spec.special_tokens[EOT],
+                             **self._stream_args(split, state, rank, world, shuffle))
+        return gpt_batches(stream, micro_batch, self.spec.seq_len)
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
+    def dummy_inputs(self, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        ids = self._random_ids(size, device)
+        return {"idx": ids, "targets": ids}
+
+    def finish(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> list[Path]:
+        """Continuations of the sample prompts, when the tokenizer is at hand."""
+        if not self.trainer.tokenizer_dir or not self.trainer.sample.prompts:
+            return []
+        path = out_dir / SAMPLES_FILE if out_dir is not None else None
+        encoding = load_encoding(Path(self.trainer.tokenizer_dir))
+        write_samples(model, encoding, self.trainer.sample, device, self.seed, path)
+        return [path] if path is not None else []
+
+
+class MaskedLM(ShardObjective):
+    """BERT: recover masked tokens of `[CLS] A [SEP] B [SEP]` pairs (and, with NSP, whether B follows A)."""
+
+    def __init__(self, spec: TrainerSpec) -> None:
+        super().__init__(spec)
+        self.masker = Masker(self.spec, spec.mlm_probability)
+
+    def _batches(self, split: str, state: LoaderState | None, rank: int, world: int, micro_batch: int,
+                 shuffle: bool) -> Iterator[Batch]:
+        special = self.spec.special_tokens
+        ids = PairIds(special["[CLS]"], special["[SEP]"], special["[PAD]"])
+        stream = PairStream(self.groups[split], ids=ids, seq_len=self.spec.seq_len, nsp=self.spec.nsp,
+                            **self._stream_args(split, state, rank, world, shuffle))
+        return bert_batches(stream, micro_batch)
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.bert.layers)
+
+    def inputs(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor | None]:
+        """Masked afresh each time a batch is used, from the loop's checkpointed generator."""
+        arrays = dict(batch.arrays)
+        arrays["input_ids"], arrays["mlm_labels"] = self.masker(arrays["input_ids"], generator)
+        if not self.spec.nsp:
+            arrays.pop("nsp_labels")
+        return arrays
+
+    def dummy_inputs(self, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        ids = self._random_ids(size, device)
+        zeros = torch.zeros_like(ids)
+        return {"input_ids": ids, "segment_ids": zeros, "mlm_labels": ids, "nsp_labels": zeros[:, 0]}
+
+
+OBJECTIVES: dict[str, type[ShardObjective]] = {"gpt": CausalLM, "bert": MaskedLM}
+
+
+def make_objective(spec: TrainerSpec) -> ShardObjective:
+    return OBJECTIVES[spec.model.arch](spec)
 
 
 class Masker:
-    """BERT's masked-LM corruption, drawn afresh for every batch from its own generator.
+    """BERT's masked-LM corruption, drawn afresh for every batch from the generator it is given.
 
     Of the non-special tokens, each is chosen with `probability`; a chosen token becomes [MASK]
     80% of the time, a random regular token 10%, and stays itself 10%. Labels are the original ids
     at chosen positions and -100 elsewhere.
     """
 
-    def __init__(self, spec: ModelSpec, probability: float, seed: int) -> None:
+    def __init__(self, spec: ModelSpec, probability: float) -> None:
         specials = torch.tensor(sorted(set(spec.special_tokens.values())), dtype=torch.long)
         regular = torch.ones(spec.vocab_size, dtype=torch.bool)
         regular[specials[specials < spec.vocab_size]] = False
         self.specials, self.regular = specials, torch.nonzero(regular).squeeze(1)
         self.mask_id, self.probability = spec.special_tokens["[MASK]"], probability
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(corrupted ids, labels) for a CPU batch of ids."""
-        shape, g = input_ids.shape, self.generator
+        shape, g = input_ids.shape, generator
         chosen = (torch.rand(shape, generator=g) < self.probability) & ~torch.isin(input_ids, self.specials)
         roll = torch.rand(shape, generator=g)
         random_ids = self.regular[torch.randint(len(self.regular), shape, generator=g)]
@@ -66,27 +159,19 @@ class Masker:
         return corrupted, torch.where(chosen, input_ids, IGNORE)
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings; none on biases and LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) with the fused kernel: on CUDA, and on CPU too, where it is
-    4x faster than the multi-tensor one (a 10M-parameter step: 9 ms against 39-60 ms here)."""
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(optimizer_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                             eps=optim.eps, fused=fused or None, foreach=None if fused else True)
-
-
-def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (1-based): linear warmup, then decay to the floor."""
-    floor = optim.lr * optim.min_lr_ratio
-    if step <= optim.warmup_steps:
-        return optim.lr * step / optim.warmup_steps
-    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
-    progress = min(1.0, progress)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1 - progress
-    return floor + (optim.lr - floor) * shape
+def write_samples(model: nn.Module, encoding: Any, sample: SampleConfig, device: torch.device, seed: int,
+                  path: Path | None) -> list[str]:
+    """Continues each prompt by temperature/top-k sampling (KV-cached); rank 0 passes `path` to write them."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    model.eval()
+    for prompt in sample.prompts:
+        ids = encoding.encode_ordinary(prompt)     # plain text: special-token strings stay text
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        out = model.generate(idx, sample.max_new_tokens, sample.temperature, sample.top_k, generator)
+        texts.append(encoding.decode(out[0].tolist(), errors="replace"))
+    model.train()
+    if path is not None:
+        blocks = [f"### sample {i + 1}, prompt {p!r}\n{t}\n" for i, (p, t) in enumerate(zip(sample.prompts, texts))]
+        path.write_text("\n".join(blocks))
+    return texts

@@ -12,30 +12,28 @@ filesystem every node shares, and torchrun's c10d rendezvous at `rdzv_endpoint`.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.formats import ModelSpec, PretrainArtifacts, ShardManifest
 from storage.stage import StageContext, StageError, StageResult
-from tasks.pretrain import checkpoint
+from tasks.models.files import CONFIG_FILE
 from tasks.pretrain.config import BERT_SPECIALS, PretrainConfig, TrainerSpec
-from tasks.pretrain.data import MANIFEST, shard_paths, split_row_groups
-from tasks.pretrain.reporting import METRICS_FILE, SAMPLES_FILE, note
-from tasks.pretrain.train import CHECKPOINTS_DIR, DONE_FILE, ERRORS_DIR, MODEL_DIR, link_or_copy
+from tasks.pretrain.data import MANIFEST, read_manifest, shard_paths, split_row_groups
+from tasks.pretrain.objectives import SAMPLES_FILE
+from tasks.training import checkpoint
+from tasks.training.launch import exclusive, launch, torchrun_args
+from tasks.training.launch import worker_command as torchrun_command
+from tasks.training.loop import CHECKPOINTS_DIR, DONE_FILE, MODEL_DIR, link_or_copy
+from tasks.training.reporting import METRICS_FILE, note
 
-RUN_DIR, SPEC_FILE, LOG_FILE, LOCK_FILE = "run", "trainer.json", "torchrun.log", ".lock"
+RUN_DIR, SPEC_FILE = "run", "trainer.json"
+WORKER_MODULE = "tasks.pretrain.worker"
 STAT_KEYS = {"steps": "steps", "tokens_trained": "tokens_trained", "final_train_loss": "final_train_loss",
              "final_val_loss": "final_val_loss", "final_val_ppl": "final_val_ppl", "params": "params",
              "tokens_per_s": "tokens_per_s", "mfu": "mfu", "train_wall_s": "wall_s_train",
@@ -48,13 +46,15 @@ TOKEN_TYPES = {"uint16": pa.list_(pa.uint16()), "uint32": pa.list_(pa.uint32())}
 def run(config: PretrainConfig, ctx: StageContext) -> StageResult:
     """Pretrains on `ctx.inputs['shard']`; writes model/, checkpoints/, metrics.jsonl (+ samples.txt)."""
     spec = trainer_spec(config, ctx)
-    run_dir = Path(spec.run_dir)
-    with scratch_lock(ctx.scratch):
+    run_dir = Path(spec.loop.run_dir)
+    with exclusive(ctx.scratch, "pretrain"):
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = run_dir / SPEC_FILE
         spec_path.write_text(spec.model_dump_json(indent=2) + "\n")
         if not (run_dir / DONE_FILE).exists():
-            launch(config, spec_path, run_dir)
+            for node in range(1, config.nnodes):
+                note(f"start node {node} with: {' '.join(worker_command(config, spec_path, node))}", "pretrain")
+            launch(worker_command(config, spec_path), run_dir)
         return collect(run_dir, ctx.output)
 
 
@@ -68,45 +68,27 @@ def trainer_spec(config: PretrainConfig, ctx: StageContext) -> TrainerSpec:
     shard_dir = Path(ctx.inputs["shard"])
     manifest = check_shards(shard_dir, config)
     specials = special_ids(manifest, config, shard_dir / MANIFEST)
-    model = config.model.resolve(manifest["vocab_size"], specials, nsp=config.nsp)
+    model = config.model.resolve(manifest.vocab_size, specials, nsp=config.nsp)
     per_rank, max_steps = plan_batch(config, model.seq_len)
     tokenizer = ctx.inputs.get("tokenizer")
-    return TrainerSpec(config=config, model=model, shard_dir=str(shard_dir), run_dir=str(ctx.scratch / RUN_DIR),
-                       seed=ctx.seed, sequences_per_rank=per_rank, max_steps=max_steps,
-                       tokenizer_dir=str(tokenizer) if tokenizer else None,
-                       mlflow_tracking_uri=ctx.mlflow_tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
+    loop = config.loop_config(str(ctx.scratch / RUN_DIR), ctx.seed, per_rank, max_steps,
+                              ctx.mlflow_tracking_uri, ctx.mlflow_run_id)
+    return TrainerSpec(loop=loop, model=model, shard_dir=str(shard_dir), mlm_probability=config.mlm_probability,
+                       sample=config.sample, tokenizer_dir=str(tokenizer) if tokenizer else None)
 
 
-def check_shards(shard_dir: Path, config: PretrainConfig) -> dict[str, Any]:
+def check_shards(shard_dir: Path, config: PretrainConfig) -> ShardManifest:
     """The manifest, once every shard it lists is readable, typed right, and the splits can feed every rank."""
     path = shard_dir / MANIFEST
-    if not path.is_file():
-        raise StageError(f"{path}: missing; pretrain reads the shard stage's output (manifest.json + shards/)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StageError(f"{path}: not valid JSON ({exc})") from None
-    _check_manifest_fields(manifest, path)
+    manifest = read_manifest(shard_dir)            # a FileFormatError (a StageError) names the file and field
+    if not manifest.shards:
+        raise StageError(f"{path}: field 'shards' is empty: there is nothing to train on")
     files = shard_paths(shard_dir, manifest)
-    rows = sum(_check_shard_file(f, manifest["token_dtype"]) for f in files)
-    if rows == 0 or sum(s.get("tokens_train", s.get("tokens", 1)) for s in manifest["shards"]) == 0:
+    rows = sum(_check_shard_file(f, manifest.token_dtype) for f in files)
+    if rows == 0 or manifest.tokens_train == 0:
         raise StageError(f"{path}: the shards hold no training tokens ({rows} rows)")
     _check_row_groups(files, config, path)
     return manifest
-
-
-def _check_manifest_fields(manifest: Any, path: Path) -> None:
-    expected = {"vocab_size": int, "token_dtype": str, "shards": list, "special_tokens": dict}
-    for key, kind in expected.items():
-        if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind):
-            raise StageError(f"{path}: field '{key}' is missing or not a {kind.__name__}")
-    if manifest["token_dtype"] not in TOKEN_TYPES:
-        raise StageError(f"{path}: field 'token_dtype' is {manifest['token_dtype']!r}; expected uint16 or uint32")
-    if not manifest["shards"]:
-        raise StageError(f"{path}: field 'shards' is empty: there is nothing to train on")
-    for index, entry in enumerate(manifest["shards"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise StageError(f"{path}: shards[{index}] has no 'path'")
 
 
 def _check_shard_file(path: Path, token_dtype: str) -> int:
@@ -137,11 +119,11 @@ def _check_row_groups(files: list[Path], config: PretrainConfig, manifest_path: 
                          "raise the shard stage's val_fraction or set eval_every: 0")
 
 
-def special_ids(manifest: dict[str, Any], config: PretrainConfig, path: Path) -> dict[str, int]:
+def special_ids(manifest: ShardManifest, config: PretrainConfig, path: Path) -> dict[str, int]:
     """The special token ids the architecture needs: EOT for GPT, the five BERT tokens for BERT."""
-    specials, vocab = manifest["special_tokens"], manifest["vocab_size"]
+    specials, vocab = manifest.special_tokens, manifest.vocab_size
     if config.model.resolved_arch() == "gpt":
-        eot = manifest.get("eot_id")
+        eot = manifest.eot_id
         if not isinstance(eot, int) or not 0 <= eot < vocab:
             raise StageError(f"{path}: field 'eot_id' is {eot!r}; GPT packing needs an <|endoftext|> id below "
                              f"vocab_size {vocab}")
@@ -179,85 +161,11 @@ def plan_batch(config: PretrainConfig, seq_len: int) -> tuple[int, int]:
 # ---- launching torchrun ---------------------------------------------------------------------
 
 
-def torchrun_args(config: PretrainConfig, node_rank: int = 0, run_id: str = "lmforge-pretrain") -> list[str]:
-    """torchrun's own flags: a standalone rendezvous on one node, c10d at `rdzv_endpoint` otherwise."""
-    args = [f"--nnodes={config.nnodes}", f"--nproc-per-node={config.nproc_per_node}", "--max-restarts=0",
-            "--monitor-interval=0.5"]
-    if config.rdzv_endpoint is None:
-        return [*args, "--standalone"]
-    return [*args, "--rdzv-backend=c10d", f"--rdzv-endpoint={config.rdzv_endpoint}", f"--rdzv-id={run_id}",
-            f"--node-rank={node_rank}"]
-
-
 def worker_command(config: PretrainConfig, spec_path: Path, node_rank: int = 0) -> list[str]:
-    """The command one node runs: torchrun (dying with its parent) on the training entry point."""
-    return [sys.executable, "-m", "tasks.pretrain.runtime", *torchrun_args(config, node_rank),
-            "-m", "tasks.pretrain.train", "--config", str(spec_path)]
-
-
-def launch(config: PretrainConfig, spec_path: Path, run_dir: Path) -> None:
-    """Runs this node's torchrun agent to completion; a failure raises StageError with the root traceback."""
-    shutil.rmtree(run_dir / ERRORS_DIR, ignore_errors=True)
-    for node in range(1, config.nnodes):
-        note(f"start node {node} with: {' '.join(worker_command(config, spec_path, node))}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    process = subprocess.Popen(worker_command(config, spec_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=env)
-    pump = threading.Thread(target=_pump, args=(process.stdout, run_dir / LOG_FILE), daemon=True)
-    pump.start()
-    try:
-        code = process.wait()
-    except BaseException:
-        _stop(process)
-        raise
-    finally:
-        pump.join(timeout=10)
-    if code != 0:
-        raise StageError(failure_message(run_dir, code))
-
-
-def _pump(stream: IO[bytes], log_path: Path) -> None:
-    """Copies torchrun's output to our stderr (progress bar included) and to the run's log file."""
-    with log_path.open("ab") as log:
-        while chunk := os.read(stream.fileno(), 65536):
-            log.write(chunk)
-            log.flush()
-            sys.stderr.write(chunk.decode("utf-8", errors="replace"))
-            sys.stderr.flush()
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM (torchrun then stops its workers), SIGKILL if that takes more than 30 s."""
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def failure_message(run_dir: Path, code: int) -> str:
-    """The first worker's recorded error with its traceback, else the tail of torchrun's output."""
-    entries = [json.loads(p.read_text()) for p in sorted((run_dir / ERRORS_DIR).glob("rank-*.json"))]
-    if entries:
-        first = min(entries, key=lambda e: e["time"])
-        return (f"pretrain worker rank {first['rank']} failed: {first['type']}: {first['message']} "
-                f"(torchrun exit code {code})\n{first['traceback']}")
-    log = run_dir / LOG_FILE
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else ""
-    return f"torchrun exited with code {code} and no worker recorded an error; its last output:\n{tail}"
-
-
-@contextlib.contextmanager
-def scratch_lock(scratch: Path) -> Iterator[None]:
-    """One live run per fingerprint: a second one fails at once instead of sharing checkpoints."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    with (scratch / LOCK_FILE).open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"{scratch}: another pretrain run with this fingerprint is running") from None
-        yield
+    """The command one node runs: torchrun (dying with its parent) on the pretrain worker."""
+    torchrun = torchrun_args(config.nnodes, config.nproc_per_node, config.rdzv_endpoint, node_rank,
+                             run_id="lmforge-pretrain")
+    return torchrun_command(WORKER_MODULE, spec_path, torchrun)
 
 
 # ---- collecting the results -----------------------------------------------------------------
@@ -273,8 +181,9 @@ def collect(run_dir: Path, output: Path) -> StageResult:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, output / name)
     stats = {out: float(done[key]) for key, out in STAT_KEYS.items() if key in done}
-    model_config = json.loads((output / MODEL_DIR / checkpoint.CONFIG_FILE).read_text())
-    return StageResult(stats=stats, artifacts={"final_checkpoint": done["final_checkpoint"], "model": model_config})
+    model = ModelSpec.read(output / MODEL_DIR / CONFIG_FILE)
+    artifacts = PretrainArtifacts(final_checkpoint=done["final_checkpoint"], model=model)
+    return StageResult(stats=stats, artifacts=artifacts.model_dump(mode="json"))
 
 
 def _link_tree(source: Path, target: Path) -> None:

@@ -11,9 +11,10 @@ import json
 import re
 from pathlib import Path
 
-
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.formats import ShardEntry, ShardManifest, TokenizerFile
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -72,12 +73,14 @@ def _entry(path: str, rows: list[dict]) -> dict:
 
 
 def _write_manifest(out: Path, entries: list[dict], val_fraction: float, source: str) -> None:
-    total = sum(e["tokens"] for e in entries)
-    manifest = {"vocab_size": VOCAB_SIZE, "token_dtype": "uint16", "eot_token": "<|endoftext|>",
-                "eot_id": SPECIALS["<|endoftext|>"], "special_tokens": dict(SPECIALS), "eot_appended": False,
-                "val_fraction": val_fraction, "shards": entries, "tokens_by_source": {source: total},
-                "total_tokens": total}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    """A `storage.formats.ShardManifest`, as the shard stage writes it."""
+    train, val = sum(e["tokens_train"] for e in entries), sum(e["tokens_val"] for e in entries)
+    ShardManifest(vocab_size=VOCAB_SIZE, token_dtype="uint16", eot_token="<|endoftext|>",
+                  eot_id=SPECIALS["<|endoftext|>"], special_tokens=dict(SPECIALS), val_fraction=val_fraction,
+                  split_rule="sha256(doc_id) < val_fraction (shardfixture.split_of)", max_tokens_per_doc=None,
+                  overlong="split", split_doc_id_format="<doc_id>#<part>",
+                  shards=[ShardEntry(**e) for e in entries], tokens_by_source={source: {"train": train, "val": val}},
+                  total_tokens=train + val).write(out / "manifest.json")
 
 
 def write_tokenizer(out: Path) -> Path:
@@ -85,9 +88,8 @@ def write_tokenizer(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = [base64.b64encode(bytes([i])).decode() + f" {i}" for i in range(256)]
     (out / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
-    config = {"pattern": BYTE_PATTERN, "special_tokens": SPECIALS, "vocab_size": VOCAB_SIZE, "n_ranks": 256,
-              "origin": "byte-level test fixture"}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    TokenizerFile(pattern=BYTE_PATTERN, special_tokens=SPECIALS, vocab_size=VOCAB_SIZE, n_ranks=256,
+                  origin="byte-level test fixture").write(out / "tokenizer_config.json")
     return out
 
 

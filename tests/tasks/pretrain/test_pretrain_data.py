@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import shardfixture as sf  # first: makes `tasks.pretrain` the real package, see there
+import shardfixture as sf
 
-from tasks.pretrain.data import (IS_NEXT, NOT_NEXT, LoaderState, PairIds, PairStream, Prefetcher, ShardDataError,
-                                 TokenStream, gpt_batches, rank_row_groups, read_documents, read_manifest,
-                                 shard_paths, split_row_groups)
+from tasks.pretrain.data import (IS_NEXT, NOT_NEXT, LoaderState, PairIds, PairStream, ShardDataError, TokenStream,
+                                 gpt_batches, rank_row_groups, read_documents, read_manifest, shard_paths,
+                                 split_row_groups)
+from tasks.training.batches import Prefetcher
 
 EOT = sf.SPECIALS["<|endoftext|>"]
 IDS = PairIds(sf.SPECIALS["[CLS]"], sf.SPECIALS["[SEP]"], sf.SPECIALS["[PAD]"])
@@ -93,9 +94,9 @@ def test_loader_is_deterministic_and_resumes_exactly_from_its_state(shards: Path
     other = list(itertools.islice(batches(12), 12))
     assert all(np.array_equal(a.arrays["idx"], b.arrays["idx"]) for a, b in zip(first, again))
     assert not all(np.array_equal(a.arrays["idx"], b.arrays["idx"]) for a, b in zip(first, other))
-    resumed = list(itertools.islice(batches(11, LoaderState(**first[4].state)), 7))
+    resumed = list(itertools.islice(batches(11, LoaderState(**first[4].position)), 7))
     assert all(np.array_equal(a.arrays["idx"], b.arrays["idx"]) for a, b in zip(first[5:], resumed))
-    assert first[-1].state["unit"] > 0
+    assert first[-1].position["unit"] > 0
 
 
 def test_bert_pairs_are_cls_a_sep_b_sep_with_segments(shards: Path) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import shardfixture as sf  # first: makes `tasks.pretrain` the real package, see there
+import shardfixture as sf
 
 from storage.stage import StageError
 from tasks.pretrain import PretrainConfig, run
-from tasks.pretrain.stage import scratch_lock
+from tasks.training.launch import exclusive
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def empty_shards(shards: Path) -> None:
         pq.write_table(table.slice(0, 0), path)
     manifest = json.loads((shards / "manifest.json").read_text())
     edit_manifest(shards, shards=[{**s, "rows": 0, "tokens": 0, "tokens_train": 0, "tokens_val": 0}
-                                  for s in manifest["shards"]])
+                                  for s in manifest["shards"]], tokens_by_source={}, total_tokens=0)
 
 
 def retype_tokens(shards: Path) -> None:
@@ -51,12 +51,15 @@ CASES: dict[str, tuple[Callable[[Path], None], dict, str]] = {
     "no manifest": (lambda s: (s / "manifest.json").unlink(), {}, r"manifest\.json: missing"),
     "shard missing": (lambda s: (s / "shards" / "shard-00001.parquet").unlink(), {},
                       r"shard-00001\.parquet: listed in the manifest but missing"),
-    "no shards listed": (lambda s: edit_manifest(s, shards=[]), {}, "field 'shards' is empty"),
+    "no shards listed": (lambda s: edit_manifest(s, shards=[], tokens_by_source={}, total_tokens=0), {},
+                         "field 'shards' is empty"),
+    "manifest field wrong": (lambda s: edit_manifest(s, token_dtype="int8"), {},
+                             r"manifest\.json: field 'token_dtype': Input should be 'uint16' or 'uint32'"),
     "empty shards": (empty_shards, {}, "the shards hold no training tokens"),
     "wrong token type": (retype_tokens, {}, r"shard-00001\.parquet: column 'tokens' is list<element: uint32>.*"
                                             "token_dtype is uint16"),
     "truncated file": (truncate_shard, {}, r"shard-00000\.parquet: not a readable Parquet file"),
-    "no eot": (lambda s: edit_manifest(s, eot_id=None), {}, "field 'eot_id' is None"),
+    "no eot": (lambda s: edit_manifest(s, eot_token=None, eot_id=None), {}, "field 'eot_id' is None"),
     "bert without specials": (lambda s: edit_manifest(s, special_tokens={"<|endoftext|>": 256}),
                               {"model": {"preset": "bert-nano"}}, "special_tokens lacks .CLS., .SEP., .MASK."),
     "too few row groups": (lambda s: None, {"nproc_per_node": 16},
@@ -92,7 +95,7 @@ def test_missing_shard_input_is_named(tmp_path: Path, shards: Path) -> None:
 
 def test_a_second_run_of_the_same_fingerprint_is_refused(tmp_path: Path, shards: Path) -> None:
     ctx = sf.stage_context(tmp_path / "stage", shards)
-    with scratch_lock(ctx.scratch):
+    with exclusive(ctx.scratch, "pretrain"):
         with pytest.raises(StageError, match="another pretrain run with this fingerprint is running"):
             run(PretrainConfig.model_validate(sf.nano_config()), ctx)
     assert not (ctx.scratch / "run" / "torchrun.log").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import shardfixture as sf  # first: makes `tasks.pretrain` the real package, see there
+import shardfixture as sf
 
 from storage.stage import StageError
 from tasks.pretrain import PretrainConfig, run
@@ -115,7 +115,7 @@ def test_two_node_launch_agrees_with_the_one_node_run(tmp_path: Path, corpus: tu
     config = PretrainConfig.model_validate({**GPT_RUN, "nproc_per_node": 1, "nnodes": 2,
                                             "rdzv_endpoint": f"127.0.0.1:{free_port()}"})
     spec = trainer_spec(config, sf.stage_context(tmp_path, corpus[0]))
-    run_dir = Path(spec.run_dir)
+    run_dir = Path(spec.loop.run_dir)
     run_dir.mkdir(parents=True)
     (run_dir / "trainer.json").write_text(spec.model_dump_json())
     # Both "nodes" share this machine's two cores: one thread each, as torchrun gives 2 local workers.
@@ -169,8 +169,9 @@ def test_sigkill_after_a_checkpoint_then_rerun_continues_exactly(tmp_path: Path,
 
 
 def test_fsdp_matches_ddp_and_writes_full_weights(tmp_path: Path, corpus: tuple[Path, Path], reference) -> None:
-    result = run(PretrainConfig.model_validate({**GPT_RUN, "dist": "fsdp"}), sf.stage_context(tmp_path, corpus[0]))
+    result = run(PretrainConfig.model_validate({**GPT_RUN, "dist": "fsdp"}), sf.stage_context(tmp_path, *corpus))
     sharded = losses(tmp_path / "output" / "metrics.jsonl")
+    assert (tmp_path / "output" / "samples.txt").read_text().count("### sample") == 3   # KV-cached, sharded
     assert sharded == pytest.approx(losses(reference[0].output / "metrics.jsonl"), rel=1e-5)
     weights = (tmp_path / "output" / "model" / "model.safetensors").stat().st_size
     assert weights == (reference[0].output / "model" / "model.safetensors").stat().st_size   # gathered, not a shard

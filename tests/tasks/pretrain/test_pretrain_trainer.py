@@ -5,13 +5,16 @@ import json
 from pathlib import Path
 
 import pytest
-import shardfixture as sf  # first: makes `tasks.pretrain` the real package, see there
+import shardfixture as sf
 import torch
 
 from tasks.pretrain.config import PretrainConfig
-from tasks.pretrain.runtime import DistEnv
+from tasks.pretrain.objectives import make_objective
 from tasks.pretrain.stage import trainer_spec
-from tasks.pretrain.train import DONE_FILE, Trainer
+from tasks.training import loop
+from tasks.training.loop import DONE_FILE, Trainer
+from tasks.training.reporting import MetricsLog
+from tasks.training.runtime import DistEnv
 
 ENV = DistEnv(rank=0, local_rank=0, world=1, device=torch.device("cpu"))
 
@@ -34,10 +37,10 @@ def shards(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
 def train(root: Path, shards: Path, tokenizer: Path | None = None, **overrides: object) -> tuple[Trainer, list[dict]]:
     config = PretrainConfig.model_validate(sf.nano_config(**overrides))
     spec = trainer_spec(config, sf.stage_context(root, shards, tokenizer))
-    Path(spec.run_dir).mkdir(parents=True)
-    trainer = Trainer(spec, ENV)
+    Path(spec.loop.run_dir).mkdir(parents=True)
+    trainer = Trainer(spec.loop, make_objective(spec), ENV)
     trainer.fit()
-    return trainer, sf.read_metrics(Path(spec.run_dir) / "metrics.jsonl")
+    return trainer, sf.read_metrics(Path(spec.loop.run_dir) / "metrics.jsonl")
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path: Path, shards: Path) -> None:
@@ -83,9 +86,21 @@ def test_finished_run_writes_model_samples_and_summary(tmp_path: Path, shards: P
 
 
 def test_an_mlflow_failure_does_not_stop_training_metrics(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    from tasks.pretrain.reporting import MetricsLog
-
     log = MetricsLog(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "no-such-run")
     log.log(1, {"loss": 5.5, "lr": 1e-3})
     assert sf.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 5.5, "lr": 1e-3}]
     assert "step 1: could not log to MLflow" in capfd.readouterr().err
+
+
+def test_an_unknown_accelerator_reports_no_mfu_and_warns_once(tmp_path: Path, shards: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capfd: pytest.CaptureFixture) -> None:
+    # No GPU here: stand in for one the peak table does not know (what `peak_flops` returns for it).
+    monkeypatch.setattr(loop, "peak_flops", lambda device, precision, configured: None)
+    monkeypatch.setattr(loop, "device_name", lambda device: "NVIDIA B300")
+    _, metrics = train(tmp_path, shards, max_steps=4, eval_every=0)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "unknown accelerator" in line]
+    assert warnings == ["pretrain: unknown accelerator 'NVIDIA B300': MFU is not reported; set pretrain.peak_flops "
+                        "to one device's dense fp32 peak FLOP/s"]
+    assert all("mfu" not in m for m in metrics) and all(m["tokens_per_s"] > 0 for m in metrics)
+    assert "mfu" not in json.loads((tmp_path / "scratch" / "run" / DONE_FILE).read_text())

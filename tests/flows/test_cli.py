@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO_ROOT, run_cli
 from mlflow.tracking import MlflowClient
 
+from flows.stages import catalog_views
 from storage.catalog import Catalog
 
 
@@ -29,7 +30,7 @@ def small_recipe(tmp_path, shared_data) -> Path:
 
 
 def catalog_rows(ws: Path, sql: str) -> list[tuple]:
-    return Catalog(ws / "catalog.duckdb").query(sql)[1]
+    return Catalog(ws / "catalog.duckdb").query(sql, catalog_views())[1]
 
 
 def test_help_for_every_command():

@@ -241,6 +241,13 @@ class PredictionRow(FileModel):
     id: str
     prediction: JsonValue
     gold: JsonValue
+    # Log-likelihood scoring (evaluate): the exact strings scored, pair i = (context or context[i],
+    # continuations[i]), one natural-log likelihood each, and whether each is the greedy decode.
+    # Left out of the line when not given, so other tasks' rows stay {id, prediction, gold}.
+    context: str | list[str] | None = Field(None, exclude_if=lambda value: value is None)
+    continuations: list[str] | None = Field(None, exclude_if=lambda value: value is None)
+    loglikelihoods: list[float] | None = Field(None, exclude_if=lambda value: value is None)
+    greedy: list[bool] | None = Field(None, exclude_if=lambda value: value is None)
 
 
 def write_predictions(path: Path | str, rows: Iterable[PredictionRow]) -> int:

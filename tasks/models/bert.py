@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import fused_linear_cross_entropy
 from storage.formats import ModelSpec
 from tasks.models.layers import ModelOutput, SelfAttention, init_weights
 
@@ -76,6 +77,10 @@ class BertModel(nn.Module):
 
 
 class BertForPretraining(nn.Module):
+    # True: the MLM loss comes from `kernels.fused_linear_cross_entropy`, no logits (the pretrain recipe's
+    # kernels.fused_ce sets it; not part of the model, so not in its spec).
+    fused_ce = False
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -95,15 +100,24 @@ class BertForPretraining(nn.Module):
         """MLM loss over the positions whose label is not -100 (plus the NSP loss when enabled)."""
         hidden, pooled = self.bert(input_ids, segment_ids, attention_mask)
         masked = mlm_labels != IGNORE
-        logits = self.mlm_logits(hidden[masked])
         labels = mlm_labels[masked]
-        # A sum over a count of at least one: a batch with nothing masked gives 0, not NaN.
-        mlm_loss = F.cross_entropy(logits, labels, reduction="sum") / labels.numel() if labels.numel() else \
-            logits.sum() * 0.0
+        if self.fused_ce:
+            logits, mlm_loss = None, self.fused_mlm_loss(hidden[masked], labels)
+        else:
+            logits = self.mlm_logits(hidden[masked])
+            # A sum over a count of at least one: a batch with nothing masked gives 0, not NaN.
+            mlm_loss = F.cross_entropy(logits, labels, reduction="sum") / labels.numel() if labels.numel() else \
+                logits.sum() * 0.0
         loss = mlm_loss
         if self.nsp_head is not None and nsp_labels is not None:
             loss = loss + F.cross_entropy(self.nsp_head(pooled), nsp_labels)
         return ModelOutput(logits, loss, mlm_loss)
+
+    def fused_mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same transform and tied decoder as `mlm_logits`, scored without forming the logits."""
+        h = self.mlm_ln(F.gelu(self.mlm_dense(hidden)))
+        total = fused_linear_cross_entropy(h, self.bert.word.weight, labels, bias=self.mlm_bias, reduction="sum")
+        return total / max(labels.numel(), 1)
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Transform, then decode with the word embedding (tied) plus a bias."""

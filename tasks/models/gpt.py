@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import fused_linear_cross_entropy
 from storage.formats import ModelSpec
 from tasks.models.layers import (INIT_STD, MLP, KVCache, LayerCache, ModelOutput, SelfAttention, causal_padding_mask,
                                  init_weights)
@@ -35,6 +36,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # True: a loss with targets comes from `kernels.fused_linear_cross_entropy`, no logits (the pretrain
+    # recipe's kernels.fused_ce sets it; not part of the model, so not in its spec).
+    fused_ce = False
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -80,9 +85,14 @@ class GPT(nn.Module):
                 cache: KVCache | None = None) -> ModelOutput:
         """Logits for every position; with `targets` (-1 = ignore) also the mean cross-entropy.
 
-        With `cache`, `idx` continues the positions the cache holds (and is added to it).
+        With `cache`, `idx` continues the positions the cache holds (and is added to it). With
+        `fused_ce` and targets, the logits are never formed and come back None.
         """
-        logits = self.logits(self._hidden(idx, cache=cache))
+        hidden = self._hidden(idx, cache=cache)
+        if targets is not None and self.fused_ce:
+            lm_loss = fused_linear_cross_entropy(hidden, self.wte.weight, targets, ignore_index=-1)
+            return ModelOutput(None, lm_loss + self.aux_loss(), lm_loss)
+        logits = self.logits(hidden)
         if targets is None:
             return ModelOutput(logits, None, None)
         lm_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)

@@ -24,12 +24,10 @@ from pathlib import Path
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
     ExactDedupConfig,
-    ExactDedupFilter,
     ExactDedupSignature,
     ExactFindDedups,
     MinhashDedupBuckets,
     MinhashDedupCluster,
-    MinhashDedupFilter,
     MinhashDedupSignature,
 )
 from datatrove.pipeline.dedup.minhash import MinhashConfig as DtMinhashConfig
@@ -42,9 +40,7 @@ from tasks.docpipe.shared import prepare, record_problems
 from tasks.docpipe.steps import DocumentParquetWriter, DocumentReader, FunnelFilter, FunnelStep
 from tasks.dedup.config import DedupConfig
 from tasks.dedup.evalsets import build_index
-from tasks.dedup.steps import Decontaminate, normalized_text
-
-DEFAULT_REASONS = {"exact": "duplicate", "minhash": "duplicate"}
+from tasks.dedup.steps import Decontaminate, ExactDuplicateFilter, MinhashDuplicateFilter, normalized_text
 
 
 class DedupRun:
@@ -76,7 +72,7 @@ class DedupRun:
     def exact_filter(self) -> list[PipelineStep]:
         if not self.config.exact.enabled:
             return []
-        return [ExactDedupFilter(data_folder=str(self.scratch.data("exact_dups")), config=self.exact)]
+        return [ExactDuplicateFilter(data_folder=str(self.scratch.data("exact_dups")), config=self.exact)]
 
     def exact_passes(self) -> None:
         sigs, dups = str(self.scratch.data("exact_sigs")), str(self.scratch.data("exact_dups"))
@@ -103,7 +99,7 @@ class DedupRun:
         if self.config.exact.enabled:
             steps.append(("01_exact", FunnelStep("01_exact", self.exact_filter()[0])))
         if self.config.minhash.enabled:
-            inner = MinhashDedupFilter(input_folder=str(self.scratch.data("minhash_clusters")))
+            inner = MinhashDuplicateFilter(input_folder=str(self.scratch.data("minhash_clusters")))
             steps.append(("02_minhash", FunnelStep("02_minhash", inner)))
         if self.config.decontaminate.enabled:
             opts = self.config.decontaminate
@@ -129,7 +125,7 @@ def run(config: DedupConfig, ctx: StageContext) -> StageResult:
         counts = build_index(opts.eval_sets, opts.n_gram, opts.language, job.scratch.data("decont_index"))
         extra.update({f"decontaminate/{name}/ngrams": n for name, n in counts.items()})
     labels, merged = job.filter_pass()
-    result = StageResult(stats={**stage_stats(labels, merged, DEFAULT_REASONS), **extra})
+    result = StageResult(stats={**stage_stats(labels, merged), **extra})
     check_accounting(result.stats)
     record_problems(result, job.bad_files, job.scratch)
     link_tree(job.scratch.output, Path(ctx.output))

@@ -1,18 +1,33 @@
-"""The dedup-specific datatrove pieces: the exact-dedup key and the decontamination filter with a flag mode."""
+"""The dedup-specific datatrove pieces: the exact-dedup key, the duplicate filters counting their reason,
+and the decontamination filter with a flag mode."""
 from __future__ import annotations
 
 from typing import Literal
 
 from datatrove.data import Document as DtDocument
 from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
+from datatrove.pipeline.dedup import ExactDedupFilter, MinhashDedupFilter
 from datatrove.utils.text import simplify_text
 
 from tasks.dedup.evalsets import decont_config
+from tasks.docpipe.steps import ReasonedDrops
 
 
 def normalized_text(doc: DtDocument) -> str:
     """The exact-dedup key: lowercase, no punctuation, numbers and whitespace folded (datatrove's simplify_text)."""
     return simplify_text(doc.text)
+
+
+class ExactDuplicateFilter(ReasonedDrops, ExactDedupFilter):
+    """datatrove's exact-dedup filter; each document it drops counts as `dropped_duplicate`."""
+
+    drop_reason = "duplicate"
+
+
+class MinhashDuplicateFilter(ReasonedDrops, MinhashDedupFilter):
+    """datatrove's MinHash filter (stage 4); each document it drops counts as `dropped_duplicate`."""
+
+    drop_reason = "duplicate"
 
 
 class Decontaminate(NGramsDecontFilter):

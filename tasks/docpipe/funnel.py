@@ -5,6 +5,8 @@ Stats of a document stage built on these helpers:
 - `docs_in`: rows read (the reader's `documents`); `docs_out`: documents written.
 - `dropped/<step>/<reason>`: every removed document once, so `docs_in == docs_out + sum(dropped/*)`.
   The reader's are `dropped/read/empty_text`, `dropped/read/bad_metadata`, `dropped/read/corrupt`.
+  Each reason is counted where the document is dropped (by the step, or its wrapper in `steps`); a
+  step whose in - out differs from its counted drops fails the stage, naming the step and the count.
 - `funnel/<NN>_<step>/<source>/in` and `.../out`: documents entering and leaving each step, per source;
   `NN` is the step's fixed place in the recipe (a disabled step is absent, the others keep their number).
 - `by_source/<source>/docs_in`, `by_source/<source>/docs_out`.
@@ -75,19 +77,22 @@ def link_tree(source: Path, target: Path) -> list[Path]:
     return placed
 
 
-def stage_stats(labels: list[str], merged: list[dict[str, float]],
-                default_reasons: dict[str, str] | None = None) -> dict[str, float]:
-    """The stage's stats from `[reader, *labelled steps, writer]` counters; see the module docstring."""
+def stage_stats(labels: list[str], merged: list[dict[str, float]]) -> dict[str, float]:
+    """The stage's stats from `[reader, *labelled steps, writer]` counters; see the module docstring.
+
+    Raises StageError naming the step when a step (or the reader) lost documents without counting a reason.
+    """
     reader, *steps, writer = merged
     if len(steps) != len(labels):
         raise StageError(f"internal: {len(steps)} step stats for {len(labels)} steps")
     stats: dict[str, float] = {"docs_in": reader.get("documents", 0), "docs_out": writer.get("total", 0)}
-    stats.update({f"dropped/read/{key.removeprefix('dropped_')}": value for key, value in reader.items()
-                  if key.startswith("dropped_") and value})
+    read_drops = _reasons(reader, "dropped_")
+    stats.update({f"dropped/read/{reason}": value for reason, value in read_drops.items()})
+    _check_explained("read", reader.get("documents", 0), reader.get("forwarded", 0), read_drops)
     _per_source(stats, reader, "in", "by_source/{}/docs_in")
     _per_source(stats, writer, "out", "by_source/{}/docs_out")
     for label, step in zip(labels, steps):
-        _step_stats(stats, label, step, (default_reasons or {}).get(_name(label), "unspecified"))
+        _step_stats(stats, label, step)
     return {key: int(value) if float(value).is_integer() and not key.startswith("time_s/") else value
             for key, value in stats.items()}
 
@@ -96,33 +101,43 @@ def _name(label: str) -> str:
     return label.split("_", 1)[1]
 
 
+def _reasons(counters: dict[str, float], prefix: str) -> dict[str, float]:
+    """`<prefix><reason>` counters by reason, zeros left out."""
+    return {key.removeprefix(prefix): value for key, value in counters.items() if key.startswith(prefix) and value}
+
+
 def _per_source(stats: dict[str, float], counters: dict[str, float], direction: str, pattern: str) -> None:
     for key, value in counters.items():
         if key.startswith(f"{direction}/"):
             stats[pattern.format(key.split("/", 1)[1])] = value
 
 
-def _step_stats(stats: dict[str, float], label: str, step: dict[str, float], default_reason: str) -> None:
+def _step_stats(stats: dict[str, float], label: str, step: dict[str, float]) -> None:
     name = _name(label)
     _per_source(stats, step, "in", f"funnel/{label}/{{}}/in")
     _per_source(stats, step, "out", f"funnel/{label}/{{}}/out")
-    explained = 0.0
-    for key, value in step.items():
-        if key.startswith("dropped_") and value:
-            stats[f"dropped/{name}/{key.removeprefix('dropped_')}"] = value
-            explained += value
-        elif key.startswith("flagged_") and value:
-            stats[f"flagged/{name}/{key.removeprefix('flagged_')}"] = value
+    drops = _reasons(step, "dropped_")
+    stats.update({f"dropped/{name}/{reason}": value for reason, value in drops.items()})
+    stats.update({f"flagged/{name}/{what}": value for what, value in _reasons(step, "flagged_").items()})
     docs_in = sum(v for k, v in step.items() if k.startswith("in/"))
     docs_out = sum(v for k, v in step.items() if k.startswith("out/"))
-    if docs_in - docs_out - explained > 0:
-        key = f"dropped/{name}/{default_reason}"
-        stats[key] = stats.get(key, 0) + docs_in - docs_out - explained
+    _check_explained(label, docs_in, docs_out, drops)
     stats[f"time_s/{label}"] = round(step.get("time_s", 0.0), 3)
 
 
+def _check_explained(step: str, docs_in: float, docs_out: float, drops: dict[str, float]) -> None:
+    """A step's losses must be exactly its counted drops: a loss without a reason is an error, never booked."""
+    unexplained = docs_in - docs_out - sum(drops.values())
+    if unexplained:
+        what = "lost" if unexplained > 0 else "counted as dropped more than it lost:"
+        raise StageError(f"step {step} {what} {abs(unexplained):,.0f} documents without a counted reason "
+                         f"(in {docs_in:,.0f}, out {docs_out:,.0f}, dropped with a reason {sum(drops.values()):,.0f})")
+
+
 def check_accounting(stats: dict[str, float]) -> None:
-    """Every document read is either written or dropped with a reason; anything else is a bug."""
+    """Every document read is either written or dropped with a reason; anything else is an error."""
     dropped = sum(v for k, v in stats.items() if k.startswith("dropped/"))
-    if stats["docs_in"] != stats["docs_out"] + dropped:
-        raise StageError(f"internal: docs_in {stats['docs_in']} != docs_out {stats['docs_out']} + dropped {dropped}")
+    lost = stats["docs_in"] - stats["docs_out"] - dropped
+    if lost:
+        raise StageError(f"{lost:,.0f} documents unaccounted for: docs_in {stats['docs_in']:,.0f} != docs_out "
+                         f"{stats['docs_out']:,.0f} + dropped {dropped:,.0f} (lost between steps or at the writer)")

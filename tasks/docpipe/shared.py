@@ -22,15 +22,16 @@ def input_documents(ctx: StageContext) -> Path:
 def prepare(ctx: StageContext) -> tuple[Scratch, Path, list[dict[str, str]]]:
     """The scratch layout, the read plan (kept across attempts) and the unreadable input files.
 
-    Fails early when the input holds no readable document file at all.
+    An input without documents (no Parquet file, or only files without rows) is a valid, empty
+    input. Fails early when it has files and none of them is readable document Parquet.
     """
     scratch = Scratch(Path(ctx.scratch))
     scratch.root.mkdir(parents=True, exist_ok=True)
     input_dir = input_documents(ctx)
     plan_file, bad_files = write_plan(scratch.root, input_dir)
-    if not json.loads(plan_file.read_text())["units"]:
+    if bad_files and not json.loads(plan_file.read_text())["units"]:
         problems = "; ".join(f"{b['path']}: {b['reason']} ({b['detail']})" for b in bad_files[:5])
-        raise StageError(f"no readable document Parquet under {input_dir}" + (f": {problems}" if problems else ""))
+        raise StageError(f"no readable document Parquet under {input_dir}: {problems}")
     return scratch, plan_file, bad_files
 
 

@@ -5,17 +5,18 @@
 - `DocumentParquetWriter` writes exactly `storage.documents.DOCUMENT_SCHEMA`.
 - `FunnelFilter` / `FunnelStep` wrap a datatrove step and count documents in and out per source;
   a document that makes a filter raise is dropped as `error` and listed, not fatal to its rank.
+- `ReasonedDrops` gives a datatrove step that counts its drops only as `dropped` (the dedup filters)
+  the reason that is its only one, counted at the drop itself.
 - `HashSampler` keeps a seeded, order-independent fraction of the documents.
 
 Everything here is pickled to worker processes (forkserver, Slurm, Ray): plain classes, no lambdas.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow.parquet as pq
 from datatrove.data import Document as DtDocument
@@ -25,8 +26,10 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseReader
 from datatrove.pipeline.writers.parquet import ParquetWriter
 from datatrove.utils.logging import logger
+from datatrove.utils.typeshelper import StatHints
 
 from storage.documents import DOCUMENT_SCHEMA, ROW_GROUP_ROWS, TARGET_FILE_BYTES, document_files
+from storage.sampling import keep
 
 # Keys of datatrove's metadata dict that are columns of our schema (or reader bookkeeping), not metadata.
 COLUMN_KEYS = ("source", "url")
@@ -229,12 +232,15 @@ class FunnelFilter(BaseFilter):
     """A datatrove filter with per-source funnel counters; a document that makes it raise is dropped.
 
     The inner filter's verdicts and reasons (`dropped_<reason>`) land in its own stats, as in datatrove.
+    A bare `False` (no reason) is dropped as `reason` when the wrapper is given the filter's only
+    reason; otherwise it stays unexplained and the stage fails naming the step (see `funnel.stage_stats`).
     """
 
-    def __init__(self, label: str, inner: BaseFilter, problems_dir: str) -> None:
+    def __init__(self, label: str, inner: BaseFilter, problems_dir: str, reason: str | None = None) -> None:
         super().__init__(exclusion_writer=inner.exclusion_writer)
         self.label = label
         self.inner = inner
+        self.reason = reason
         self.name, self.type = inner.name, inner.type
         self.stats = inner.stats
         self.problems = ProblemLog(problems_dir, label)
@@ -242,17 +248,40 @@ class FunnelFilter(BaseFilter):
 
     def filter(self, doc: DtDocument) -> bool | tuple[bool, str]:
         try:
-            return self.inner.filter(doc)
+            verdict = self.inner.filter(doc)
         except ImportError:
             raise  # a missing package is the installation's fault, not this document's
         except Exception as err:  # one bad document must not fail the rank
             logger.warning(f"{self.label}: {type(err).__name__} on document {doc.id}: {err}")
             self.problems.add(self._rank, doc.id, f"{self.label}_error", f"{type(err).__name__}: {err}")
             return False, "error"
+        if verdict is False and self.reason:
+            return False, self.reason
+        return verdict
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         self._rank = rank
         yield from _counted(self, super().run(_counted(self, data, "in"), rank, world_size), "out")
+
+
+class ReasonedDrops:
+    """Mixin for a datatrove step that drops documents counting only `dropped`: each such drop is
+    also counted as `dropped_<drop_reason>` (the step's only reason), at the moment it happens.
+
+    A step that loses documents without even counting `dropped` stays unexplained, and fails the stage.
+    """
+
+    drop_reason: ClassVar[str]
+
+    def stat_update(self, *labels: str, value: int = 1, unit: str | None = None) -> None:
+        if StatHints.dropped in labels:
+            labels = (*labels, f"dropped_{self.drop_reason}")
+        super().stat_update(*labels, value=value, unit=unit)  # type: ignore[misc]
+
+
+def sample_salt(seed: int) -> str:
+    """Curate's own salt: it samples independently of ingest's sample (salt `ingest-sample:<seed>`)."""
+    return f"curate-sample:{seed}"
 
 
 class HashSampler(BaseFilter):
@@ -266,5 +295,4 @@ class HashSampler(BaseFilter):
         self.seed = seed
 
     def filter(self, doc: DtDocument) -> bool | tuple[bool, str]:
-        digest = hashlib.sha256(f"{self.seed}:{doc.id}".encode()).digest()
-        return (int.from_bytes(digest[:8], "big") / 2**64 < self.rate) or (False, "not_sampled")
+        return keep(sample_salt(self.seed), doc.id, self.rate) or (False, "not_sampled")

@@ -12,7 +12,7 @@ from typing import Any
 from storage.stage import Stage, deferred
 from tasks.ingest.config import FileSource, IngestConfig, WikiOfflineSource, resolve_paths
 
-VERSION = "1"
+VERSION = "2"   # 2: sampling by storage.sampling.unit_hash with its own salt
 
 
 def external_inputs(config: IngestConfig) -> dict[str, Any]:

@@ -6,22 +6,25 @@ file, `bad/<source>/<file>/<reason>`, and listed in `_SUCCESS.json` (`bad_inputs
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from storage.documents import Document, DocumentWriter
+from storage.sampling import keep
 from storage.stage import StageContext, StageError, StageResult
 from tasks.ingest.config import FileSource, HfSource, IngestConfig, SourceBase, WikiOfflineSource, resolve_paths
 from tasks.ingest.readers import Rejected, read_hf, read_source_file, read_wiki_offline
 
+
+def sample_salt(seed: int) -> str:
+    """Ingest's own salt: a later sample (curate's) draws independently of this one."""
+    return f"ingest-sample:{seed}"
+
+
 def keep_sampled(doc_id: str, rate: float, seed: int) -> bool:
     """A seeded coin per document id: the same documents are kept whatever the reading order."""
-    if rate >= 1.0:
-        return True
-    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+    return keep(sample_salt(seed), doc_id, rate)
 
 
 def run(config: IngestConfig, ctx: StageContext) -> StageResult:

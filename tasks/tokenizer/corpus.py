@@ -1,7 +1,6 @@
 """Which documents the tokenizer trains on, and which it keeps out to measure compression."""
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,17 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.documents import count_documents, document_files
+from storage.sampling import unit_hash
 from storage.stage import StageError
 
 from .config import TokenizerConfig
 
 HELDOUT_MAX_SHARE = 10   # never hold out more than one document in ten
-
-
-def id_hash(doc_id: str, salt: str) -> float:
-    """A stable number in [0, 1) for a document id; the salt makes each use independent."""
-    digest = hashlib.sha256(f"{salt}:{doc_id}".encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+HELDOUT_SALT = "tokenizer-heldout"
+TRAIN_SALT = "tokenizer-train"
 
 
 def select_heldout(files: list[Path], wanted: int) -> set[str]:
@@ -33,7 +29,7 @@ def select_heldout(files: list[Path], wanted: int) -> set[str]:
     for path in files if wanted else []:
         for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(columns=["id"], batch_size=65_536):
             for doc_id in batch.column(0).to_pylist():
-                item = (-id_hash(doc_id, "tokenizer-heldout"), doc_id)
+                item = (-unit_hash(HELDOUT_SALT, doc_id), doc_id)
                 if len(largest_first) < wanted:
                     heapq.heappush(largest_first, item)
                 elif item > largest_first[0]:
@@ -88,7 +84,7 @@ class TrainingCorpus:
     def _trainable(self, doc_id: str, source: str) -> bool:
         if self.config.sources is not None and source not in self.config.sources:
             return False
-        return self.config.train_fraction >= 1 or id_hash(doc_id, "tokenizer-train") < self.config.train_fraction
+        return self.config.train_fraction >= 1 or unit_hash(TRAIN_SALT, doc_id) < self.config.train_fraction
 
     def _set_aside(self, doc_id: str, text: str) -> bool:
         if doc_id in self.heldout_ids:

@@ -229,6 +229,19 @@ def test_an_input_without_documents_is_a_clear_error(tmp_path):
         curate.run(curate.CurateConfig(**LIGHT), make_ctx(tmp_path, tmp_path / "in", "empty"))
 
 
+def test_an_input_with_zero_documents_gives_an_empty_output(tmp_path):
+    """What a stage that kept nothing leaves (no file, or a file without rows) is read as empty, not an error."""
+    (tmp_path / "none").mkdir()
+    (tmp_path / "zero_rows").mkdir()
+    pq.write_table(DOCUMENT_SCHEMA.empty_table(), tmp_path / "zero_rows" / "part-00000.parquet")
+    for name in ("none", "zero_rows"):
+        ctx = make_ctx(tmp_path, tmp_path / name, f"from-{name}")
+        result = curate.run(curate.CurateConfig(**{**LIGHT, "extract": {"enabled": False}}), ctx)
+        assert result.stats["docs_in"] == result.stats["docs_out"] == 0
+        assert not any(k.startswith("dropped/") for k in result.stats) and not result.bad_inputs
+        assert document_files(ctx.output) == []
+
+
 def test_a_failing_rank_does_not_stop_the_others_and_is_named(tmp_path):
     scratch = Scratch(tmp_path / "scratch")
     pipeline = [_FailOnRank(1)]
@@ -394,6 +407,26 @@ def test_sampling_is_seeded_and_order_independent():
     keep = lambda seed, order: {i for i in order if HashSampler(0.25, seed).filter(DtDocument("t", i)) is True}  # noqa: E731
     assert keep(7, ids) == keep(7, ids[::-1])
     assert 70 <= len(keep(7, ids)) <= 130 and keep(7, ids) != keep(8, ids)
+
+
+def test_ingest_then_curate_sampling_at_half_keep_a_quarter(tmp_path):
+    """Two samples of one pipeline (same seed) draw independently: 0.5 after 0.5 keeps 25%, not 50%."""
+    from tasks.ingest import IngestConfig
+    from tasks.ingest import run as run_ingest
+
+    lines = "".join(json.dumps({"id": i, "text": f"document number {i}"}) + "\n" for i in range(10_000))
+    (tmp_path / "docs.jsonl").write_text(lines)
+    ingest_config = IngestConfig.model_validate({"sources": [
+        {"name": "s", "kind": "jsonl", "paths": [str(tmp_path / "docs.jsonl")], "sample_rate": 0.5}]})
+    ingested = StageContext("ingest", "i", tmp_path / "ingested", tmp_path / "i-scratch", {}, tmp_path, 1337)
+    ingest_stats = run_ingest(ingest_config, ingested).stats
+    assert abs(ingest_stats["docs_out"] - 5000) < 300
+    ctx = make_ctx(tmp_path, ingested.output, "curated")
+    ctx = StageContext(**{**ctx.__dict__, "seed": 1337})
+    config = curate.CurateConfig(**{**LIGHT, "extract": {"enabled": False}, "executor": {"tasks": 1}}, sample_rate=0.5)
+    stats = curate.run(config, ctx).stats
+    assert 2200 <= stats["docs_out"] == len(output_docs(ctx.output)) <= 2800   # 25% +- 3% of 10,000
+    assert stats["dropped/sample/not_sampled"] == ingest_stats["docs_out"] - stats["docs_out"]
 
 
 # --- the recipe ------------------------------------------------------------------------------------

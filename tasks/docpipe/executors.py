@@ -10,6 +10,7 @@ finishes: a rerun after a crash skips those ranks and runs the others again.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -27,6 +28,23 @@ from tasks.docpipe.config import ExecutorConfig, RayOptions
 # Imported by the forkserver before it forks datatrove's workers (see preload_in_forkserver).
 FORKSERVER_PRELOAD = ("spacy", "trafilatura", "pyarrow.parquet", "datatrove.pipeline.filters",
                       "datatrove.pipeline.dedup", "tasks.curate.pipeline", "tasks.dedup.stage")
+
+
+# The datatrove internals this module relies on (tested in tests/tasks/docpipe/test_executors.py; the
+# pin in pyproject.toml keeps datatrove in the tested range): re-check them when datatrove is upgraded.
+RUN_FOR_RANK_PARAMETERS = ("self", "rank", "local_rank", "node_rank")
+STATS_STEP_KEYS = ("name", "time_stats", "stats")   # one such object per pipeline step in stats/<rank>.json
+
+
+def datatrove_api_problems() -> list[str]:
+    """How the installed datatrove differs from what IsolatingLocalExecutor overrides (empty when it matches)."""
+    problems = []
+    parameters = tuple(inspect.signature(PipelineExecutor._run_for_rank).parameters)
+    if parameters != RUN_FOR_RANK_PARAMETERS:
+        problems.append(f"PipelineExecutor._run_for_rank now takes {parameters}, not {RUN_FOR_RANK_PARAMETERS}")
+    if "self._run_for_rank(" not in inspect.getsource(LocalPipelineExecutor._launch_run_for_rank):
+        problems.append("LocalPipelineExecutor._launch_run_for_rank no longer calls self._run_for_rank")
+    return problems
 
 
 class IsolatingLocalExecutor(LocalPipelineExecutor):
@@ -151,7 +169,7 @@ def merged_step_stats(logging_dir: Path, tasks: int) -> list[dict[str, float]]:
         path = logging_dir / "stats" / f"{rank:05d}.json"
         if not path.is_file():
             raise StageError(f"stats of rank {rank} are missing: {path}")
-        for index, step in enumerate(json.loads(path.read_text())):
+        for index, step in enumerate(_step_entries(path)):
             if index == len(merged):
                 merged.append({})
             for name, value in step["stats"].items():
@@ -159,3 +177,13 @@ def merged_step_stats(logging_dir: Path, tasks: int) -> list[dict[str, float]]:
             merged[index]["time_s"] = merged[index].get("time_s", 0) + MetricStats.from_dict(
                 step["time_stats"]).total
     return merged
+
+
+def _step_entries(path: Path) -> list[dict[str, Any]]:
+    """The per-step objects of one rank's stats file, in pipeline order (datatrove's `PipelineStats.to_json`)."""
+    steps = json.loads(path.read_text())
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and all(k in s for k in STATS_STEP_KEYS)
+                                              for s in steps):
+        raise StageError(f"{path}: datatrove changed the layout of its stats files (expected a list of "
+                         f"{{{', '.join(STATS_STEP_KEYS)}}} per step); re-check merged_step_stats")
+    return steps

@@ -1,15 +1,14 @@
 """Evaluation sets for decontamination: their texts, and the n-gram hash index datatrove's filter reads.
 
-datatrove's `NGramsDecontIndexer` loads tasks through lighteval (and the network); here the index is
-built from the files the recipe names, with the same normalization, tokenizer and hash as datatrove's
-`NGramsDecontFilter`, in its format (`<eval set>.index.hashes`, one uint64 per n-gram).
+The texts come from the dataset loaders the fine-tuning stage uses (`tasks.datasets`): a GLUE `.tsv`
+(task from its folder name) gives each example's sentences, a SQuAD `.json` its contexts, questions
+and answers. datatrove's `NGramsDecontIndexer` loads tasks through lighteval (and the network); here
+the index is built from the files the recipe names, with the same normalization, tokenizer and hash
+as datatrove's `NGramsDecontFilter`, in its format (`<eval set>.index.hashes`, one uint64 per n-gram).
 """
 from __future__ import annotations
 
-import csv
-import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,8 @@ from datatrove.utils.text import ngrams, simplify_text
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 from storage.stage import StageError
+from tasks.datasets import DatasetError, iter_glue, iter_squad
 
-# GLUE column names that hold text (the header is lower-cased and stripped of a BOM first).
-GLUE_TEXT_COLUMNS = {"text", "sentence", "sentence1", "sentence2", "question", "question1", "question2",
-                     "premise", "hypothesis", "#1 string", "#2 string"}
 UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
@@ -32,60 +29,17 @@ def eval_set_name(path: Path) -> str:
 
 
 def eval_texts(path: Path) -> list[str]:
-    """Every text of a GLUE `.tsv` or SQuAD `.json` file; a clear StageError for anything else."""
+    """Every distinct non-blank text of a GLUE `.tsv` or SQuAD `.json` file, in file order."""
     if not path.is_file():
         raise StageError(f"decontaminate.eval_sets: file not found: {path}")
-    if path.suffix == ".tsv":
-        return glue_texts(path)
-    if path.suffix == ".json":
-        return squad_texts(path)
-    raise StageError(f"decontaminate.eval_sets: {path}: unsupported file type (GLUE .tsv or SQuAD .json)")
-
-
-def glue_texts(path: Path) -> list[str]:
-    """The text columns of a GLUE TSV (quotes are literal characters in GLUE, not CSV quoting)."""
-    csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = [name.strip().lower() for name in next(rows, [])]
-        columns = [i for i, name in enumerate(header) if name in GLUE_TEXT_COLUMNS]
-        if not columns:
-            raise StageError(f"decontaminate.eval_sets: {path}: no text column in header {header} "
-                             f"(expected one of {sorted(GLUE_TEXT_COLUMNS)})")
-        return [row[i] for row in rows for i in columns if i < len(row) and row[i].strip()]
-
-
-def squad_texts(path: Path) -> list[str]:
-    """Contexts, questions and answers of SQuAD: the official nested format or flat rows."""
+    if path.suffix not in (".tsv", ".json"):
+        raise StageError(f"decontaminate.eval_sets: {path}: unsupported file type (GLUE .tsv or SQuAD .json)")
+    examples = iter_glue(path) if path.suffix == ".tsv" else iter_squad(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StageError(f"decontaminate.eval_sets: {path}: not valid JSON ({err})") from err
-    items = data.get("data") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        raise StageError(f"decontaminate.eval_sets: {path}: expected SQuAD JSON with a 'data' list")
-    texts: dict[str, None] = {}  # ordered and without repeats: flat rows repeat their context
-    for item in items:
-        for record in _squad_records(item):
-            texts.update((t, None) for t in _record_texts(record) if t.strip())
-    return list(texts)
-
-
-def _squad_records(item: dict) -> list[dict]:
-    """Flat `{context, question, answers}` records of one nested article (or of one flat row)."""
-    if "paragraphs" not in item:
-        return [item]
-    return [{"context": p.get("context", ""), "qas": p.get("qas", [])} for p in item["paragraphs"]]
-
-
-def _record_texts(record: dict) -> list[str]:
-    texts = [record.get("context") or "", record.get("question") or ""]
-    answers = record.get("answers") or {}
-    texts += answers.get("text", []) if isinstance(answers, dict) else [a.get("text", "") for a in answers]
-    for qa in record.get("qas", []):
-        texts.append(qa.get("question", ""))
-        texts += [a.get("text", "") for a in qa.get("answers", [])]
-    return texts
+        # a dict keeps order and drops repeats (SQuAD repeats a context for each of its questions)
+        return list(dict.fromkeys(text for example in examples for text in example.texts() if text.strip()))
+    except DatasetError as err:
+        raise StageError(f"decontaminate.eval_sets: {err}") from None
 
 
 def decont_config(n_gram: int) -> NGramsDecontConfig:

@@ -16,6 +16,7 @@ import curatedata  # noqa: E402
 import tasks.dedup as dedup  # noqa: E402
 from storage.documents import Document, iter_documents  # noqa: E402
 from storage.stage import StageContext, StageError  # noqa: E402
+from tasks.datasets import read_glue, read_squad  # noqa: E402
 from tasks.dedup.evalsets import eval_set_name, eval_texts  # noqa: E402
 
 GLUE = curatedata.SHARED_DATA / "glue"
@@ -161,22 +162,36 @@ def test_flag_mode_keeps_contaminated_documents_and_marks_them(corpus_dir, tmp_p
 
 # --- evaluation sets --------------------------------------------------------------------------------
 
-def test_every_real_glue_and_squad_file_yields_its_texts():
-    for path in sorted(GLUE.glob("*/*.tsv")):
-        texts = eval_texts(path)
-        assert texts and all(isinstance(t, str) and t.strip() for t in texts), path
-    mrpc = eval_texts(GLUE / "mrpc" / "hf_fixture_dev.tsv")  # header with a BOM, '#1 String' columns
-    assert len(mrpc) == 12
+@pytest.mark.parametrize("path", sorted(GLUE.rglob("*.tsv")) + sorted(SQUAD.rglob("*.json")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_real_glue_and_squad_file_yields_its_texts(path):
+    """Every file in the folders (they grow) gives the distinct texts of the examples the shared loaders read."""
+    examples = read_glue(path) if path.suffix == ".tsv" else read_squad(path)
+    expected = {text for example in examples for text in example.texts() if text.strip()}
+    texts = eval_texts(path)
+    assert texts and len(texts) == len(set(texts)) and set(texts) == expected
+
+
+def test_known_eval_text_counts():
+    """Distinct texts, counted with `cut | sort -u` on the files (CoLA: column 4; RTE, MRPC: the two sentences)."""
+    assert len(eval_texts(GLUE / "cola" / "dev.tsv")) == 1039        # 1043 rows, 4 repeated sentences
+    assert len(eval_texts(GLUE / "rte" / "dev.tsv")) == 539
+    assert len(eval_texts(GLUE / "mrpc" / "dev.tsv")) == 807
+    assert len(eval_texts(GLUE / "mrpc" / "hf_fixture_dev.tsv")) == 12   # header with a BOM, '#1 String' columns
     assert len(eval_texts(SST2)) == 872
     nested, flat = eval_texts(SQUAD / "dev-v2.0-subset.json"), eval_texts(SQUAD / "sample-flat.json")
     assert curatedata.squad_contexts()[0] in nested
-    assert any("Normandy" in t for t in flat) and len(flat) == len(set(flat))
+    assert any("Normandy" in t for t in flat)
     assert eval_set_name(SQUAD / "dev-v2.0-tiny.json") == "squad-dev-v2.0-tiny"
 
 
 def test_unreadable_eval_sets_are_clear_errors(tmp_path):
-    (tmp_path / "dev.tsv").write_text("id\tlabel\n1\t0\n")
-    with pytest.raises(StageError, match=r"dev.tsv: no text column in header \['id', 'label'\]"):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "dev.tsv").write_text("id\tlabel\n1\t0\n")
+    with pytest.raises(StageError, match=r"eval_sets: .*sst2/dev.tsv:1: no sst2 text column in header \['id', 'label'\]"):
+        eval_texts(tmp_path / "sst2" / "dev.tsv")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    with pytest.raises(StageError, match=r"eval_sets: .*dev.tsv: its folder name .* is not a GLUE task"):
         eval_texts(tmp_path / "dev.tsv")
     with pytest.raises(StageError, match="file not found"):
         eval_texts(tmp_path / "missing.json")
@@ -206,3 +221,13 @@ def test_dedup_config_validation_and_fingerprint_fields():
                                "hash_fc": "sha1", "precision": 64, "seed": 1, "language": "en"}
     assert dedup.DedupConfig(executor={"workers": 2}).output_fields() == base
     assert dedup.DedupConfig(minhash={"num_buckets": 20}).output_fields() != base
+
+
+def test_zero_documents_give_an_empty_output(tmp_path):
+    """An upstream stage that kept nothing: every pass runs on nothing and the output is empty, not an error."""
+    (tmp_path / "none").mkdir()
+    ctx = make_ctx(tmp_path, tmp_path / "none", "empty")
+    result = dedup.run(dedup.DedupConfig(**FULL), ctx)
+    assert result.stats["docs_in"] == result.stats["docs_out"] == result.stats["minhash/clusters"] == 0
+    assert not any(k.startswith("dropped/") for k in result.stats) and not result.bad_inputs
+    assert list(ctx.output.rglob("*.parquet")) == []

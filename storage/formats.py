@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
+from pydantic import ValidationInfo, field_validator
 
 from storage.stage import StageError
 
@@ -89,20 +90,40 @@ class FileModel(JsonFile, BaseModel):
 
 
 class TokenizerFile(FileModel):
-    """`tokenizer_config.json`: the split pattern and special tokens beside the tiktoken rank file."""
+    """`tokenizer_config.json`: the split pattern and special tokens beside the tiktoken rank file.
 
-    pattern: str
+    Ids run 0..vocab_size-1: the `n_ranks` ranks (a pretrained vocabulary may leave gaps) and the
+    special tokens, each id used once. Cross-field checks sit on the later field, so errors name it.
+    """
+
+    pattern: str = Field(min_length=1)
     special_tokens: dict[str, int]
     vocab_size: int = Field(ge=1)
     n_ranks: int = Field(ge=1)
     origin: str = "file"
 
-    @model_validator(mode="after")
-    def _ids_fit(self) -> "TokenizerFile":
-        outside = {name: i for name, i in self.special_tokens.items() if not 0 <= i < self.vocab_size}
+    @field_validator("special_tokens")
+    @classmethod
+    def _distinct_ids(cls, specials: dict[str, int]) -> dict[str, int]:
+        if len(set(specials.values())) != len(specials):
+            raise ValueError(f"two special tokens share an id in {specials}")
+        return specials
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _ids_fit(cls, vocab_size: int, info: ValidationInfo) -> int:
+        outside = {name: i for name, i in info.data.get("special_tokens", {}).items() if not 0 <= i < vocab_size}
         if outside:
-            raise ValueError(f"special token ids {outside} are not below vocab_size {self.vocab_size}")
-        return self
+            raise ValueError(f"{vocab_size} is not above the special token ids {outside}")
+        return vocab_size
+
+    @field_validator("n_ranks")
+    @classmethod
+    def _ranks_fit(cls, n_ranks: int, info: ValidationInfo) -> int:
+        if "vocab_size" in info.data and n_ranks + len(info.data.get("special_tokens", {})) > info.data["vocab_size"]:
+            raise ValueError(f"{n_ranks} ranks and {len(info.data['special_tokens'])} special tokens exceed "
+                             f"vocab_size {info.data['vocab_size']}")
+        return n_ranks
 
 
 # ---- token shards ---------------------------------------------------------------------------
@@ -111,51 +132,86 @@ class TokenizerFile(FileModel):
 class ShardEntry(FileModel):
     """One shard file and its token counts."""
 
-    path: str
+    path: str = Field(min_length=1)
     rows: int = Field(ge=0)
     tokens: int = Field(ge=0)
     tokens_train: int = Field(ge=0)
     tokens_val: int = Field(ge=0)
 
-    @model_validator(mode="after")
-    def _splits_add_up(self) -> "ShardEntry":
-        if self.tokens != self.tokens_train + self.tokens_val:
-            raise ValueError(f"{self.path}: tokens {self.tokens} != tokens_train {self.tokens_train} + "
-                             f"tokens_val {self.tokens_val}")
-        return self
+    @field_validator("tokens_val")
+    @classmethod
+    def _splits_add_up(cls, tokens_val: int, info: ValidationInfo) -> int:
+        tokens, train = info.data.get("tokens"), info.data.get("tokens_train")
+        if tokens is not None and train is not None and tokens != train + tokens_val:
+            raise ValueError(f"tokens {tokens} != tokens_train {train} + tokens_val {tokens_val}")
+        return tokens_val
+
+
+class SplitTokens(FileModel):
+    """Tokens of one source in each split."""
+
+    train: int = Field(ge=0)
+    val: int = Field(ge=0)
 
 
 class ShardManifest(FileModel):
-    """`manifest.json`: the token layout, the split rule, and counts per shard and source."""
+    """`manifest.json`: the token layout, the split rule, and counts per shard and source.
+
+    A shard stage whose input held no documents writes a manifest with no shards and zero tokens.
+    Cross-field checks sit on the later field, so errors name it.
+    """
 
     vocab_size: int = Field(ge=1)
     token_dtype: Literal["uint16", "uint32"]
+    special_tokens: dict[str, int]
     eot_token: str | None
     eot_id: int | None
     eot_appended: bool = False
-    special_tokens: dict[str, int]
     val_fraction: float = Field(ge=0, lt=1)
-    split_rule: str
-    max_tokens_per_doc: int | None
+    split_rule: str = Field(min_length=1)
+    max_tokens_per_doc: int | None = Field(gt=0)
     overlong: Literal["split", "truncate"]
     split_doc_id_format: str
     shards: list[ShardEntry]
-    tokens_by_source: dict[str, dict[str, int]]
+    tokens_by_source: dict[str, SplitTokens]
     total_tokens: int = Field(ge=0)
 
-    @model_validator(mode="after")
-    def _totals_add_up(self) -> "ShardManifest":
-        listed = sum(shard.tokens for shard in self.shards)
-        if listed != self.total_tokens:
-            raise ValueError(f"total_tokens {self.total_tokens} != {listed}, the sum over shards")
-        by_source = sum(sum(splits.values()) for splits in self.tokens_by_source.values())
-        if by_source != self.total_tokens:
-            raise ValueError(f"total_tokens {self.total_tokens} != {by_source}, the sum of tokens_by_source")
-        return self
+    @field_validator("token_dtype")
+    @classmethod
+    def _dtype_fits(cls, dtype: str, info: ValidationInfo) -> str:
+        vocab_size = info.data.get("vocab_size")
+        if vocab_size is not None and (dtype == "uint16") != (vocab_size <= 65_535):
+            raise ValueError(f"{dtype} is not the token type of vocab_size {vocab_size} (uint16 up to 65,535)")
+        return dtype
+
+    @field_validator("eot_id")
+    @classmethod
+    def _eot_is_special(cls, eot_id: int | None, info: ValidationInfo) -> int | None:
+        if "eot_token" in info.data and "special_tokens" in info.data:
+            token = info.data["eot_token"]
+            expected = None if token is None else info.data["special_tokens"].get(token)
+            if eot_id != expected:
+                raise ValueError(f"{eot_id} is not the id of eot_token {token!r} in special_tokens ({expected})")
+        return eot_id
+
+    @field_validator("total_tokens")
+    @classmethod
+    def _totals_add_up(cls, total: int, info: ValidationInfo) -> int:
+        if "shards" in info.data and total != sum(shard.tokens for shard in info.data["shards"]):
+            raise ValueError(f"{total} != {sum(s.tokens for s in info.data['shards'])}, the sum over shards")
+        if "tokens_by_source" in info.data:
+            by_source = sum(split.train + split.val for split in info.data["tokens_by_source"].values())
+            if total != by_source:
+                raise ValueError(f"{total} != {by_source}, the sum of tokens_by_source")
+        return total
 
     @property
     def tokens_train(self) -> int:
         return sum(shard.tokens_train for shard in self.shards)
+
+    @property
+    def tokens_val(self) -> int:
+        return sum(shard.tokens_val for shard in self.shards)
 
 
 # ---- models ---------------------------------------------------------------------------------

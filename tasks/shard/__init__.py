@@ -7,7 +7,7 @@ from __future__ import annotations
 from storage.stage import Stage, deferred
 from tasks.shard.config import ShardConfig
 
-VERSION = "1"
+VERSION = "2"   # 2: split by storage.sampling.unit_hash("shard-split", doc_id)
 
 STAGE = Stage(name="shard", version=VERSION, config=ShardConfig, run=deferred("tasks.shard.stage:run"),
               reads=("documents", "tokenizer"), catalog_views={"token_shards": "shards/*.parquet"})

@@ -7,8 +7,6 @@ The tokens do not end with an end-of-text token; the pretrain loader inserts sep
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -22,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 
+from storage.formats import ShardEntry, ShardManifest, SplitTokens
+from storage.sampling import unit_hash
 from storage.stage import StageContext, StageError, StageResult
 from tasks.shard.config import ShardConfig
 from tasks.tokenizer.files import read_vocabulary
@@ -32,13 +32,15 @@ MANIFEST_FILE = "manifest.json"
 EOT_TOKEN = "<|endoftext|>"
 ROW_GROUP_MAX_BYTES = 4 * 2**20
 BATCH_MAX_CHARS = 2**20      # text per encoding task; a few tasks are in flight at once
-SPLIT_RULE = "val if int.from_bytes(sha256(doc_id.encode('utf-8')).digest()[:8], 'big') / 2**64 < val_fraction"
+SPLIT_SALT = "shard-split"
+SPLIT_RULE = (f"val if storage.sampling.unit_hash({SPLIT_SALT!r}, doc_id) < val_fraction, where unit_hash(salt, key) "
+              "= int.from_bytes(sha256(salt.encode() + b'\\0' + key.encode()).digest()[:8], 'big') / 2**64")
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
-    """"val" or "train" by a hash of the document id, so re-sharding never moves a document."""
-    digest = hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    """"val" or "train" by a salted hash of the document id: re-sharding never moves a document, and the
+    split is independent of every sample taken upstream (each has its own salt)."""
+    return "val" if unit_hash(SPLIT_SALT, doc_id) < val_fraction else "train"
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -244,31 +246,31 @@ def run(config: ShardConfig, ctx: StageContext) -> StageResult:
     docs = read_rows(files, ["id", "source", "text"])
     by_source = shard_documents(encoded_batches(encoding, docs, config.batch_size, workers), writer, config, result)
     shards = writer.close()
-    manifest = build_manifest(config, vocab.special_tokens, vocab.vocab_size, dtype, shards, by_source)
-    (Path(ctx.output) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    build_manifest(config, vocab.special_tokens, vocab.vocab_size, dtype, shards, by_source).write(
+        Path(ctx.output) / MANIFEST_FILE)
     _count_totals(result, shards, by_source, vocab.vocab_size)
     return result
 
 
 def build_manifest(config: ShardConfig, special_tokens: dict[str, int], vocab_size: int, dtype: str,
-                   shards: list[ShardStats], by_source: dict[str, dict[str, int]]) -> dict:
+                   shards: list[ShardStats], by_source: dict[str, dict[str, int]]) -> ShardManifest:
     """What the pretrain loader reads: token layout, the split rule, and counts per shard and source."""
-    return {
-        "vocab_size": vocab_size,
-        "token_dtype": dtype,
-        "eot_token": EOT_TOKEN if EOT_TOKEN in special_tokens else None,
-        "eot_id": special_tokens.get(EOT_TOKEN),
-        "eot_appended": False,
-        "special_tokens": special_tokens,
-        "val_fraction": config.val_fraction,
-        "split_rule": SPLIT_RULE,
-        "max_tokens_per_doc": config.max_tokens_per_doc,
-        "overlong": config.overlong,
-        "split_doc_id_format": "<doc_id>#<part>",
-        "shards": [asdict(shard) for shard in shards],
-        "tokens_by_source": {source: by_source[source] for source in sorted(by_source)},
-        "total_tokens": sum(shard.tokens for shard in shards),
-    }
+    return ShardManifest(
+        vocab_size=vocab_size,
+        token_dtype=dtype,
+        eot_token=EOT_TOKEN if EOT_TOKEN in special_tokens else None,
+        eot_id=special_tokens.get(EOT_TOKEN),
+        eot_appended=False,
+        special_tokens=special_tokens,
+        val_fraction=config.val_fraction,
+        split_rule=SPLIT_RULE,
+        max_tokens_per_doc=config.max_tokens_per_doc,
+        overlong=config.overlong,
+        split_doc_id_format="<doc_id>#<part>",
+        shards=[ShardEntry(**asdict(shard)) for shard in shards],
+        tokens_by_source={source: SplitTokens(**by_source[source]) for source in sorted(by_source)},
+        total_tokens=sum(shard.tokens for shard in shards),
+    )
 
 
 def _count_totals(result: StageResult, shards: list[ShardStats], by_source: dict[str, dict[str, int]],

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 
+from storage.formats import TokenizerFile
 from storage.stage import StageError
 
 RANKS_FILE = "tokenizer.tiktoken"
@@ -78,9 +78,8 @@ def read_rank_file(path: Path) -> dict[bytes, int]:
 def save_vocabulary(vocab: Vocabulary, directory: Path) -> None:
     """Writes the rank file and `tokenizer_config.json` (the HF export is `hf.write_hf_tokenizer`)."""
     write_rank_file(vocab.ranks, Path(directory) / RANKS_FILE)
-    config = {"pattern": vocab.pattern, "special_tokens": vocab.special_tokens,
-              "vocab_size": vocab.vocab_size, "n_ranks": len(vocab.ranks), "origin": vocab.origin}
-    (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    TokenizerFile(pattern=vocab.pattern, special_tokens=vocab.special_tokens, vocab_size=vocab.vocab_size,
+                  n_ranks=len(vocab.ranks), origin=vocab.origin).write(Path(directory) / CONFIG_FILE)
 
 
 def read_vocabulary(directory: Path) -> Vocabulary:
@@ -91,9 +90,12 @@ def read_vocabulary(directory: Path) -> Vocabulary:
     if not ranks_path.is_file():
         raise StageError(f"{ranks_path}: missing; a tokenizer directory holds {RANKS_FILE} and {CONFIG_FILE}")
     ranks = read_rank_file(ranks_path)
-    vocab = Vocabulary(ranks, config["pattern"], dict(config["special_tokens"]), config.get("origin", "file"))
-    if vocab.vocab_size != config["vocab_size"]:
-        raise StageError(f"{directory / CONFIG_FILE}: vocab_size={config['vocab_size']} but the ranks and "
+    vocab = Vocabulary(ranks, config.pattern, dict(config.special_tokens), config.origin)
+    if config.n_ranks != len(ranks):
+        raise StageError(f"{directory / CONFIG_FILE}: field 'n_ranks' is {config.n_ranks} but {RANKS_FILE} "
+                         f"holds {len(ranks)} ranks")
+    if vocab.vocab_size != config.vocab_size:
+        raise StageError(f"{directory / CONFIG_FILE}: field 'vocab_size' is {config.vocab_size} but the ranks and "
                          f"special tokens need {vocab.vocab_size}")
     clash = set(vocab.special_tokens.values()) & set(ranks.values())
     if clash:
@@ -101,17 +103,10 @@ def read_vocabulary(directory: Path) -> Vocabulary:
     return vocab
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path) -> TokenizerFile:
     if not path.is_file():
         raise StageError(f"{path}: missing; a tokenizer directory holds {RANKS_FILE} and {CONFIG_FILE}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StageError(f"{path}: not valid JSON ({exc})") from None
-    for key, kind in (("pattern", str), ("special_tokens", dict), ("vocab_size", int)):
-        if not isinstance(config.get(key), kind):
-            raise StageError(f"{path}: field '{key}' is missing or not a {kind.__name__}")
-    return config
+    return TokenizerFile.read(path)   # a FileFormatError (a StageError) names the file and the field
 
 
 def load_encoding(tokenizer_dir: Path) -> tiktoken.Encoding:

@@ -1,6 +1,7 @@
 """The shard stage on real corpora: exact tokens, determinism, a stable split, DuckDB, bad input."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 from pydantic import ValidationError
 
 from storage.documents import Document
+from storage.formats import ShardManifest
 from storage.stage import StageError
 from tasks.shard import ShardConfig, run
-from tasks.shard.stage import MANIFEST_FILE, split_of
+from tasks.shard.stage import MANIFEST_FILE, SPLIT_RULE, split_of
 from tasks.tokenizer import TokenizerConfig, load_encoding
 from tasks.tokenizer import run as run_tokenizer
 from tasks.tokenizer.config import GPT4_PATTERN
@@ -211,3 +213,53 @@ def test_config_errors_name_the_field(fields, message):
 def test_workers_and_batch_size_do_not_enter_the_fingerprint():
     assert ShardConfig(workers=1, batch_size=3).output_fields() == ShardConfig().output_fields()
     assert ShardConfig(val_fraction=0.01).output_fields() != ShardConfig().output_fields()
+
+
+# --- the typed manifest --------------------------------------------------------------------------------
+
+def test_manifest_is_the_typed_file(sharded):
+    out, stats = sharded
+    manifest = ShardManifest.read(out / MANIFEST_FILE)
+    assert manifest.total_tokens == stats["tokens_total"] and manifest.tokens_val == stats["tokens_val"]
+    assert manifest.split_rule == SPLIT_RULE and "shard-split" in manifest.split_rule
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: m.update(token_dtype="int8"), "token_dtype"),
+    (lambda m: m.update(total_tokens=m["total_tokens"] + 1), "total_tokens"),
+    (lambda m: m["shards"][0].update(tokens_val=m["shards"][0]["tokens_val"] + 1), "shards.0.tokens_val"),
+    (lambda m: m.update(eot_id=0), "eot_id"),
+    (lambda m: m.pop("split_rule"), "split_rule"),
+    (lambda m: m.update(token_dtype="uint32"), "token_dtype"),      # a 700-token vocabulary is uint16
+    (lambda m: m["tokens_by_source"]["shakespeare"].pop("val"), "tokens_by_source.shakespeare.val"),
+])
+def test_a_wrong_manifest_fails_naming_the_field(sharded, tmp_path, change, field):
+    out, _ = sharded
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    change(manifest)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(StageError, match=f"{MANIFEST_FILE}: .*field '{field}'"):
+        ShardManifest.read(tmp_path / MANIFEST_FILE)
+
+
+# --- the split ------------------------------------------------------------------------------------------
+
+def test_the_split_rule_in_the_manifest_says_what_split_of_does():
+    """The manifest's description is enough to recompute the split without lmforge."""
+    ids = [f"doc-{i}" for i in range(2000)] + ["héllo/ünïcode", ""]
+    for doc_id in ids:
+        digest = hashlib.sha256(b"shard-split" + b"\0" + doc_id.encode()).digest()
+        expected = "val" if int.from_bytes(digest[:8], "big") / 2**64 < 0.1 else "train"
+        assert split_of(doc_id, 0.1) == expected
+
+
+# --- an upstream stage that kept nothing ----------------------------------------------------------------
+
+def test_zero_documents_give_an_empty_shard_output(tmp_path, inputs):
+    empty = tmp_path / "no_docs"
+    empty.mkdir()
+    out, stats = shard(tmp_path, {"documents": empty, "tokenizer": inputs["tokenizer"]}, name="empty")
+    manifest = ShardManifest.read(out / MANIFEST_FILE)
+    assert manifest.shards == [] and manifest.total_tokens == 0 and manifest.tokens_by_source == {}
+    assert stats["docs_in"] == stats["docs_out"] == stats["tokens_total"] == stats["shards"] == 0
+    assert not (out / "shards").exists()

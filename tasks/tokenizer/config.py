@@ -1,6 +1,9 @@
 """The tokenizer stage's config: train a byte-level BPE, or reuse a fixed tokenizer."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from pydantic import Field, field_validator, model_validator
 
 from storage.configbase import StrictModel
@@ -14,6 +17,8 @@ GPT4_PATTERN = (
 BYTE_TOKENS = 256
 MAX_VOCAB = 2**32          # token ids must fit the uint32 shard column
 PRETRAINED_NAMES = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+# What only training reads: with `pretrained` set these change nothing.
+TRAINING_ONLY = ("vocab_size", "max_train_chars", "sources", "train_fraction")
 
 
 class TokenizerConfig(StrictModel):
@@ -21,7 +26,11 @@ class TokenizerConfig(StrictModel):
 
     `pretrained` is a tiktoken name (`gpt2`, `cl100k_base`, ...; its file must already be in the
     tiktoken cache, nothing is downloaded), a directory written by this stage, or a `.tiktoken`
-    rank file (split with `pattern`). With `pretrained` set, the training fields are unused.
+    rank file (split with `pattern`). With `pretrained` set, the training fields (`vocab_size`,
+    `max_train_chars`, `sources`, `train_fraction`, and `pattern` unless it splits a rank file)
+    change nothing: setting one to anything but its default is an error, and they stay out of the
+    fingerprint. `special_tokens` still apply, and `heldout_docs` (with `max_doc_chars`, which cuts
+    each held-out document) decide the held-out statistics, which are part of the stage's record.
     `vocab_size` counts the 256 byte tokens, the learned merges and the special tokens.
     """
 
@@ -63,8 +72,40 @@ class TokenizerConfig(StrictModel):
             raise ValueError("sources: give at least one source, or leave it unset to use all")
         return sources
 
+    def unused_fields(self) -> frozenset[str]:
+        """The fields that cannot change the output of this config (training fields of a pretrained one)."""
+        if not self.pretrained:
+            return frozenset()
+        unused = set(TRAINING_ONLY)
+        if not self.splits_rank_file():
+            unused.add("pattern")
+        if self.heldout_docs == 0:
+            unused.add("max_doc_chars")   # it only cuts held-out documents here
+        return frozenset(unused)
+
+    def splits_rank_file(self) -> bool:
+        """`pretrained` names a bare `.tiktoken` rank file, which `pattern` splits (names and directories bring their own)."""
+        return self.pretrained not in PRETRAINED_NAMES and not Path(str(self.pretrained)).expanduser().is_dir()
+
+    def output_fields(self) -> dict[str, Any]:
+        """The fields that change the output: the unused ones are left out."""
+        return {name: value for name, value in super().output_fields().items() if name not in self.unused_fields()}
+
+    @model_validator(mode="after")
+    def _no_unused_fields(self) -> "TokenizerConfig":
+        # A value equal to the default is harmless (and a full dump of a valid config re-validates).
+        changed = sorted(name for name in self.unused_fields()
+                         if getattr(self, name) != type(self).model_fields[name].default)
+        if changed:
+            verb, pronoun = ("are", "them") if len(changed) > 1 else ("is", "it")
+            raise ValueError(f"{', '.join(changed)} {verb} unused when pretrained={self.pretrained!r} is set (the "
+                             f"vocabulary comes from it); remove {pronoun} from the recipe")
+        return self
+
     @model_validator(mode="after")
     def _vocab_fits(self) -> "TokenizerConfig":
+        if self.pretrained:
+            return self     # the pretrained vocabulary decides the size
         smallest = BYTE_TOKENS + len(self.special_tokens)
         if self.vocab_size < smallest:
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the {BYTE_TOKENS} byte tokens "

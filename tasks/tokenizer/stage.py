@@ -9,6 +9,8 @@ from pathlib import Path
 import rustbpe
 import tiktoken
 
+from storage.documents import count_documents
+from storage.lineage import empty_input_message
 from storage.stage import StageContext, StageError, StageResult
 
 from .config import TokenizerConfig
@@ -49,8 +51,9 @@ def _document_files(ctx: StageContext, required: bool) -> list[Path]:
             raise StageError("tokenizer: training needs the upstream input 'documents', and none was given")
         return []
     files = readable_document_files(ctx.inputs["documents"])
-    if required and not files:
-        raise StageError(f"tokenizer: no document Parquet files in {ctx.inputs['documents']}")
+    if required and count_documents(files) == 0:
+        # an empty input is valid upstream; training is the first step that cannot work with it
+        raise StageError(f"tokenizer cannot train: {empty_input_message(Path(ctx.inputs['documents']))}")
     return files
 
 

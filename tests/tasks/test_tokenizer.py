@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 from storage.documents import Document, document_files
+from storage.formats import TokenizerFile
 from storage.stage import StageError
 from tasks.tokenizer import (CONFIG_FILE, HF_FILE, RANKS_FILE, TokenizerConfig, external_inputs, load_encoding,
                              read_vocabulary, run)
@@ -33,7 +34,7 @@ def docs_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[Document]) -
 
 
 def train(root: Path, docs_dir: Path, name: str = "tokenizer", **fields) -> tuple[Path, dict]:
-    fields = {"vocab_size": 1024, "heldout_docs": 200, **fields}
+    fields = {"heldout_docs": 200, **({} if fields.get("pretrained") else {"vocab_size": 1024}), **fields}
     ctx = stage_context(root, "tokenizer", {"documents": docs_dir}, name)
     result = run(TokenizerConfig(**fields), ctx)
     return ctx.output, result.stats
@@ -230,7 +231,7 @@ def test_bad_tokenizer_files_name_file_and_line(tmp_path, trained):
     with pytest.raises(StageError, match=f"{RANKS_FILE}:6: expected"):
         load_encoding(broken)
     (broken / CONFIG_FILE).write_text(json.dumps({"pattern": "x", "special_tokens": {}}))
-    with pytest.raises(StageError, match="field 'vocab_size' is missing"):
+    with pytest.raises(StageError, match=f"{CONFIG_FILE}: field 'vocab_size': Field required; field 'n_ranks'"):
         load_encoding(broken)
     with pytest.raises(StageError, match="neither a tiktoken name"):
         run(TokenizerConfig(pretrained=str(tmp_path / "nowhere")), stage_context(tmp_path, "tokenizer", {}, "x"))
@@ -261,3 +262,81 @@ def test_pattern_that_drops_text_or_cannot_be_exported_is_a_stage_error(tmp_path
         train(tmp_path, docs_dir, name="words", pattern=r"\w+", **small)
     with pytest.raises(StageError, match="cannot export tokenizer.json.*possessive"):
         train(tmp_path, docs_dir, name="group", pattern=r"(?:ab){2}+|[\s\S]", **small)
+
+
+# --- a pretrained tokenizer: every field changes the output or is rejected ----------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", 4096), ("max_train_chars", 1000), ("sources", ["wiki"]), ("train_fraction", 0.5),
+    ("pattern", r"\s+|\S+"),
+])
+def test_a_training_field_set_beside_pretrained_is_rejected_naming_it(field, value):
+    with pytest.raises(ValidationError, match=f"{field} is unused when pretrained='gpt2' is set"):
+        TokenizerConfig(pretrained="gpt2", **{field: value})
+
+
+def test_pretrained_fingerprint_holds_only_what_changes_the_output(tmp_path, trained):
+    source, _ = trained
+    named = TokenizerConfig(pretrained="gpt2")
+    assert set(named.output_fields()) == {"pretrained", "special_tokens", "max_doc_chars", "heldout_docs"}
+    # the split pattern is used only for a bare rank file, so there it is a knob and enters the fingerprint
+    rank_file = TokenizerConfig(pretrained=str(source / RANKS_FILE), pattern=r"\s+|\S+")
+    assert rank_file.output_fields()["pattern"] == r"\s+|\S+"
+    assert "pattern" not in TokenizerConfig(pretrained=str(source)).output_fields()   # a directory brings its own
+    # without held-out documents max_doc_chars cuts nothing: rejected when set, absent from the fingerprint
+    with pytest.raises(ValidationError, match="max_doc_chars is unused"):
+        TokenizerConfig(pretrained="gpt2", heldout_docs=0, max_doc_chars=50)
+    assert "max_doc_chars" not in TokenizerConfig(pretrained="gpt2", heldout_docs=0).output_fields()
+    # a full dump (Prefect parameters, _SUCCESS.json) validates again to the same fingerprint
+    assert TokenizerConfig(**named.model_dump()).output_fields() == named.output_fields()
+    assert set(TokenizerConfig().output_fields()) == set(TokenizerConfig.model_fields)   # training uses them all
+
+
+def test_pretrained_held_out_stats_follow_heldout_docs_and_max_doc_chars(tmp_path, trained, docs_dir):
+    """The held-out statistics are part of the stage's record, so the two fields that decide them stay knobs."""
+    source, _ = trained
+    _, few = train(tmp_path, docs_dir, name="few", pretrained=str(source), heldout_docs=20)
+    _, cut = train(tmp_path, docs_dir, name="cut", pretrained=str(source), heldout_docs=20, max_doc_chars=100)
+    assert few["heldout_docs"] == cut["heldout_docs"] == 20
+    assert few["heldout_tokens"] > cut["heldout_tokens"] > 0
+    assert few["train_docs"] == 0
+
+
+# --- typed tokenizer_config.json ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, field", [
+    ({"vocab_size": "big"}, "vocab_size"),
+    ({"special_tokens": ["<|endoftext|>"]}, "special_tokens"),
+    ({"colour": "red"}, "colour': unknown field"),
+    ({"n_ranks": 5}, "n_ranks"),
+    ({"vocab_size": 10}, "vocab_size"),
+])
+def test_a_wrong_tokenizer_config_fails_naming_the_field(tmp_path, trained, change, field):
+    source, _ = trained
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / RANKS_FILE).write_bytes((source / RANKS_FILE).read_bytes())
+    (broken / CONFIG_FILE).write_text(json.dumps({**json.loads((source / CONFIG_FILE).read_text()), **change}))
+    with pytest.raises(StageError, match=f"{CONFIG_FILE}: .*field '{field}"):
+        read_vocabulary(broken)
+
+
+def test_tokenizer_config_is_the_typed_file(trained):
+    out, _ = trained
+    config = TokenizerFile.read(out / CONFIG_FILE)
+    assert config.n_ranks == len(read_vocabulary(out).ranks) and config.origin == "rustbpe"
+
+
+# --- an upstream stage that kept nothing ---------------------------------------------------------------
+
+def test_training_on_zero_documents_fails_in_one_line_and_pretrained_mode_accepts_them(tmp_path, trained):
+    empty = tmp_path / "no_docs"
+    empty.mkdir()
+    write_documents(tmp_path / "zero_rows", [])     # a writer that got nothing leaves no file
+    for docs in (empty, tmp_path / "zero_rows"):
+        with pytest.raises(StageError, match=r"^tokenizer cannot train: no documents left: [^\n]*$"):
+            train(tmp_path, docs, name=f"train-{docs.name}")
+    source, _ = trained
+    out, stats = train(tmp_path, empty, name="reuse", pretrained=str(source))
+    assert stats["heldout_docs"] == 0 and stats["train_docs"] == 0
+    assert read_vocabulary(out).ranks == read_vocabulary(source).ranks

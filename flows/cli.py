@@ -163,6 +163,44 @@ def ui(workspace: WorkspaceOpt = None,
     serve_uis(Workspace.at(workspace), host, prefect_port, mlflow_port)
 
 
+StageDirArg = Annotated[Path, typer.Argument(help="a pretrain output (workspace/stages/pretrain/<fp>) or model folder")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option(help="the tokenizer stage's output (default: found "
+                         "through the workspace records)")]
+
+
+@app.command()
+def export(stage_dir: StageDirArg, out: Annotated[Path, typer.Argument(help="a new folder for the export")],
+           format_: Annotated[str, typer.Option("--format", help="hf: a folder transformers loads")] = "hf",
+           tokenizer: TokenizerOpt = None) -> None:
+    """Export a trained model (--format hf: GPT2LMHeadModel / BertForPreTraining + tokenizer files)."""
+    from storage.stage import StageError
+    from tasks.export import export as export_model
+
+    try:
+        typer.echo(f"exported {export_model(stage_dir, out, format_, tokenizer)}")
+    except StageError as err:
+        _fail(str(err), code=1)
+
+
+@app.command()
+def generate(stage_dir: StageDirArg,
+             prompt: Annotated[Optional[list[str]], typer.Option(help="text to continue (repeatable)")] = None,
+             prompts_file: Annotated[Optional[Path], typer.Option(help="one prompt per line")] = None,
+             max_new_tokens: int = 100, temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.8,
+             top_k: Annotated[int, typer.Option(help="sample among the k likeliest tokens (0: all)")] = 40,
+             seed: int = 0, format_: Annotated[str, typer.Option("--format", help="text (streamed) or jsonl")] = "text",
+             tokenizer: TokenizerOpt = None, device: str = "auto") -> None:
+    """Continue prompts with a trained GPT, streaming tokens as they are sampled (KV cache)."""
+    from storage.stage import StageError
+    from tasks.export import Sampling, generate as run_generate
+
+    try:
+        run_generate(stage_dir, prompt or [], Sampling(max_new_tokens, temperature, top_k or None, seed), sys.stdout,
+                     format_, tokenizer, device, prompts_file)
+    except StageError as err:
+        _fail(str(err), code=1)
+
+
 def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     app()

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.formats import ModelSpec, PretrainArtifacts, ShardManifest
+from storage.lineage import empty_input_message
 from storage.stage import StageContext, StageError, StageResult
 from tasks.models.files import CONFIG_FILE
 from tasks.pretrain.config import BERT_SPECIALS, PretrainConfig, TrainerSpec
@@ -82,11 +83,12 @@ def check_shards(shard_dir: Path, config: PretrainConfig) -> ShardManifest:
     path = shard_dir / MANIFEST
     manifest = read_manifest(shard_dir)            # a FileFormatError (a StageError) names the file and field
     if not manifest.shards:
-        raise StageError(f"{path}: field 'shards' is empty: there is nothing to train on")
+        raise StageError(f"pretrain has nothing to train on: {empty_input_message(shard_dir, 'tokens')}")
     files = shard_paths(shard_dir, manifest)
     rows = sum(_check_shard_file(f, manifest.token_dtype) for f in files)
     if rows == 0 or manifest.tokens_train == 0:
-        raise StageError(f"{path}: the shards hold no training tokens ({rows} rows)")
+        raise StageError(f"pretrain has nothing to train on ({path}: {rows} rows, no training tokens): "
+                         f"{empty_input_message(shard_dir, 'tokens')}")
     _check_row_groups(files, config, path)
     return manifest
 

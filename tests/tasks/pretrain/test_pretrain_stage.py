@@ -52,10 +52,10 @@ CASES: dict[str, tuple[Callable[[Path], None], dict, str]] = {
     "shard missing": (lambda s: (s / "shards" / "shard-00001.parquet").unlink(), {},
                       r"shard-00001\.parquet: listed in the manifest but missing"),
     "no shards listed": (lambda s: edit_manifest(s, shards=[], tokens_by_source={}, total_tokens=0), {},
-                         "field 'shards' is empty"),
+                         "pretrain has nothing to train on: "),
     "manifest field wrong": (lambda s: edit_manifest(s, token_dtype="int8"), {},
                              r"manifest\.json: field 'token_dtype': Input should be 'uint16' or 'uint32'"),
-    "empty shards": (empty_shards, {}, "the shards hold no training tokens"),
+    "empty shards": (empty_shards, {}, r"pretrain has nothing to train on \(.*: 0 rows, no training tokens\)"),
     "wrong token type": (retype_tokens, {}, r"shard-00001\.parquet: column 'tokens' is list<element: uint32>.*"
                                             "token_dtype is uint16"),
     "truncated file": (truncate_shard, {}, r"shard-00000\.parquet: not a readable Parquet file"),

@@ -19,8 +19,8 @@ from storage.formats import ModelSpec
 from tasks.pretrain.presets import get_preset
 from tasks.training.config import LoopConfig, OptimConfig
 
-__all__ = ["LoopConfig", "ModelConfig", "MoEConfig", "ModelSpec", "OptimConfig", "PretrainConfig", "SampleConfig",
-           "TrainerSpec"]
+__all__ = ["KernelsConfig", "LoopConfig", "ModelConfig", "MoEConfig", "ModelSpec", "OptimConfig", "PretrainConfig",
+           "SampleConfig", "TrainerSpec"]
 
 VOCAB_MULTIPLE = 128                 # the embedding is padded to this multiple (fast matmuls)
 BERT_SPECIALS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]")
@@ -46,8 +46,26 @@ class MoEConfig(StrictModel):
         return self
 
 
+class KernelsConfig(StrictModel):
+    """Triton kernels for the training hot spots (`kernels`): the same model and loss within float tolerance.
+
+    They run on CUDA (or on CPU under TRITON_INTERPRET=1, Triton's interpreter: slow, for checking);
+    anywhere else the PyTorch fallback runs. Off by default until measured on a GPU.
+    """
+
+    fused_ce: bool = Field(False, description="LM head + cross-entropy in chunks of rows: no tokens x vocab logits")
+    fused_norm: bool = Field(False, description="every LayerNorm by one Triton kernel forward, one backward")
+
+    def enabled(self) -> bool:
+        return self.fused_ce or self.fused_norm
+
+
 class ModelConfig(StrictModel):
     """Architecture and shape; explicit fields override the preset's."""
+
+    # `kernels` changes the numbers only within float tolerance (another order of summation), so one
+    # fingerprint names the run with and without them; the output records which ran (model/kernels.json).
+    non_output_fields = frozenset({"kernels"})
 
     arch: Literal["gpt", "bert"] | None = Field(None, description="default: the preset's, else gpt")
     preset: str | None = Field(None, description="default: '<arch>-mini'")
@@ -60,6 +78,7 @@ class ModelConfig(StrictModel):
     bias: bool = True
     norm: Literal["pre", "post"] | None = Field(None, description="BERT: post (original) by default; GPT: pre only")
     moe: MoEConfig = MoEConfig()
+    kernels: KernelsConfig = KernelsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -207,3 +226,4 @@ class TrainerSpec(StrictModel):
     mlm_probability: float            # the masked-LM objective's
     sample: SampleConfig              # the causal-LM objective's samples.txt
     tokenizer_dir: str | None = None
+    kernels: KernelsConfig = KernelsConfig()

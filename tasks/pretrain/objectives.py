@@ -6,6 +6,8 @@ training, one shared stream dealt out round-robin for validation. `OBJECTIVES` m
 """
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import math
 from abc import abstractmethod
 from collections.abc import Iterator
@@ -15,16 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+import kernels
 from storage.formats import ModelSpec
 from tasks.models import IGNORE, build_model
-from tasks.pretrain.config import SampleConfig, TrainerSpec
+from tasks.pretrain.config import KernelsConfig, SampleConfig, TrainerSpec
 from tasks.pretrain.data import (LoaderState, PairIds, PairStream, TokenStream, bert_batches, gpt_batches,
                                  read_manifest, shard_paths, split_row_groups, strided)
 from tasks.tokenizer import load_encoding
 from tasks.training.objective import Batch, Loss, Objective
+from tasks.training.reporting import note
 
 EOT = "<|endoftext|>"
 SAMPLES_FILE = "samples.txt"
+KERNELS_FILE = "kernels.json"      # which kernels trained the model: beside its config.json, not in it
 
 
 class ShardObjective(Objective):
@@ -46,7 +51,15 @@ class ShardObjective(Objective):
                     shuffle=shuffle, state=state)
 
     def build_model(self) -> nn.Module:
-        return build_model(self.spec)
+        why_not = kernels.why_not_triton(self._device()) if self.trainer.kernels.enabled() else None
+        if why_not:
+            note(f"model.kernels: {why_not}; the PyTorch fallback runs", "pretrain")
+        return use_kernels(build_model(self.spec), self.trainer.kernels)
+
+    def _device(self) -> torch.device:
+        """The device type the loop will train on (the model is built on the CPU first)."""
+        cuda = self.trainer.loop.device != "cpu" and torch.cuda.is_available()
+        return torch.device("cuda" if cuda else "cpu")
 
     def train_batches(self, rank: int, world: int, micro_batch: int,
                       position: dict[str, int] | None) -> Iterator[Batch]:
@@ -63,6 +76,19 @@ class ShardObjective(Objective):
 
     def val_metrics(self, loss: float) -> dict[str, float]:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
+    def finish(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> list[Path]:
+        """`kernels.json` when the recipe asked for kernels (a stale one from an earlier attempt is removed)."""
+        if out_dir is None:
+            return []
+        path = out_dir / KERNELS_FILE
+        path.unlink(missing_ok=True)
+        if not self.trainer.kernels.enabled():
+            return []
+        record = {**self.trainer.kernels.model_dump(), "backend": kernels.backend(device),
+                  "triton": _triton_version()}
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return [path]
 
     def _random_ids(self, size: int, device: torch.device) -> torch.Tensor:
         return torch.randint(self.spec.vocab_size, (size, self.spec.seq_len), device=device)
@@ -85,13 +111,14 @@ class CausalLM(ShardObjective):
         return {"idx": ids, "targets": ids}
 
     def finish(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> list[Path]:
-        """Continuations of the sample prompts, when the tokenizer is at hand."""
+        """Continuations of the sample prompts, when the tokenizer is at hand (and `kernels.json`)."""
+        written = super().finish(model, device, out_dir)
         if not self.trainer.tokenizer_dir or not self.trainer.sample.prompts:
-            return []
+            return written
         path = out_dir / SAMPLES_FILE if out_dir is not None else None
         encoding = load_encoding(Path(self.trainer.tokenizer_dir))
         write_samples(model, encoding, self.trainer.sample, device, self.seed, path)
-        return [path] if path is not None else []
+        return written + ([path] if path is not None else [])
 
 
 class MaskedLM(ShardObjective):
@@ -131,6 +158,21 @@ OBJECTIVES: dict[str, type[ShardObjective]] = {"gpt": CausalLM, "bert": MaskedLM
 
 def make_objective(spec: TrainerSpec) -> ShardObjective:
     return OBJECTIVES[spec.model.arch](spec)
+
+
+def use_kernels(model: nn.Module, options: KernelsConfig) -> nn.Module:
+    """The model with its loss head and LayerNorms on the `kernels` package, as `options` asks (same weights)."""
+    model.fused_ce = options.fused_ce
+    if options.fused_norm:
+        kernels.fuse_layer_norms(model)
+    return model
+
+
+def _triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class Masker:

@@ -26,7 +26,7 @@ from storage.stage import StageContext, StageError, StageResult
 from tasks.models.files import CONFIG_FILE
 from tasks.pretrain.config import BERT_SPECIALS, PretrainConfig, TrainerSpec
 from tasks.pretrain.data import MANIFEST, read_manifest, shard_paths, split_row_groups
-from tasks.pretrain.objectives import SAMPLES_FILE
+from tasks.pretrain.objectives import KERNELS_FILE, SAMPLES_FILE
 from tasks.training import checkpoint
 from tasks.training.launch import exclusive, launch, torchrun_args
 from tasks.training.launch import worker_command as torchrun_command
@@ -75,7 +75,8 @@ def trainer_spec(config: PretrainConfig, ctx: StageContext) -> TrainerSpec:
     loop = config.loop_config(str(ctx.scratch / RUN_DIR), ctx.seed, per_rank, max_steps,
                               ctx.mlflow_tracking_uri, ctx.mlflow_run_id)
     return TrainerSpec(loop=loop, model=model, shard_dir=str(shard_dir), mlm_probability=config.mlm_probability,
-                       sample=config.sample, tokenizer_dir=str(tokenizer) if tokenizer else None)
+                       sample=config.sample, tokenizer_dir=str(tokenizer) if tokenizer else None,
+                       kernels=config.model.kernels)
 
 
 def check_shards(shard_dir: Path, config: PretrainConfig) -> ShardManifest:
@@ -177,6 +178,8 @@ def collect(run_dir: Path, output: Path) -> StageResult:
     """Links the finished run's model, kept checkpoints, metrics and samples into `output`."""
     done = json.loads((run_dir / DONE_FILE).read_text())
     _link_tree(run_dir / MODEL_DIR, output / MODEL_DIR)
+    if (run_dir / KERNELS_FILE).exists():                 # beside config.json, not in it: not part of the model
+        shutil.copy2(run_dir / KERNELS_FILE, output / MODEL_DIR / KERNELS_FILE)
     for kept in checkpoint.complete_checkpoints(run_dir / CHECKPOINTS_DIR):
         _link_tree(kept, output / CHECKPOINTS_DIR / kept.name)
     for name in (METRICS_FILE, SAMPLES_FILE):

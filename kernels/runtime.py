@@ -8,9 +8,11 @@ decorates lazily, once per mode, and nothing imports `triton` until a kernel is 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,10 +68,62 @@ class Kernel:
         self._jitted: dict[bool, Any] = {}
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
         import triton
 
         mode = interpreting()
         if mode not in self._jitted:
             self._jitted[mode] = triton.jit(self.fn)
         LAUNCHES[self.name] += 1
-        return self._jitted[mode][grid]
+        with language_in_mode(mode):
+            return self._jitted[mode][grid](*args, **kwargs)
+
+
+# ---- triton.language's own helpers in the mode of the launch ------------------------------------------
+#
+# tl.sum, tl.max, tl.zeros... are themselves @triton.jit functions, decorated once when Triton is
+# imported, for the mode in force then. A process that imported Triton before TRITON_INTERPRET was
+# set (a test session, torch.compile) would fail inside an interpreted kernel ("Cannot call @triton.jit'd
+# outside of the scope of a kernel"), and the reverse inside a compiled one. So for the duration of a
+# launch they are swapped for their counterpart in the launch's mode, then put back: nothing else sees it.
+
+LANGUAGE_MODULES = ("triton.language", "triton.language.standard", "triton.language.random")
+_swaps: dict[bool, list[tuple[Any, str, Any, Any]]] = {}
+
+
+@contextlib.contextmanager
+def language_in_mode(interpret: bool) -> Iterator[None]:
+    """triton.language's @jit helpers decorated for `interpret` inside the block (usually nothing to swap)."""
+    if interpret not in _swaps:
+        _swaps[interpret] = _find_swaps(interpret)
+    swaps = _swaps[interpret]
+    for module, name, _, replacement in swaps:
+        setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        for module, name, original, _ in swaps:
+            setattr(module, name, original)
+
+
+def _find_swaps(interpret: bool) -> list[tuple[Any, str, Any, Any]]:
+    """(module, name, the helper as imported, its counterpart) for every helper decorated for the other mode."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    counterparts: dict[int, Any] = {}      # one counterpart per helper, so `is` comparisons still hold
+    swaps = []
+    for module in map(importlib.import_module, LANGUAGE_MODULES):
+        for name, value in list(vars(module).items()):
+            if interpret and isinstance(value, JITFunction):
+                made = counterparts.setdefault(id(value), InterpretedFunction(value.fn))
+            elif not interpret and isinstance(value, InterpretedFunction):
+                made = counterparts.setdefault(id(value), JITFunction(value.fn, **value.kwargs))
+            else:
+                continue
+            swaps.append((module, name, value, made))
+    return swaps

@@ -154,6 +154,26 @@ class SplitTokens(FileModel):
     val: int = Field(ge=0)
 
 
+class MixtureSource(FileModel):
+    """One source of a token-weighted mixture: its share, the training tokens it had and got, the epochs that makes."""
+
+    share: float = Field(ge=0, le=1)           # weight / sum of weights; 0 for a source left out of the mixture
+    available_tokens: int = Field(ge=0)        # its training tokens before mixing
+    target_tokens: int = Field(ge=0)           # share x the mixture's target_tokens
+    tokens: int = Field(ge=0)                  # training tokens written, repeats included
+    epochs: float = Field(ge=0)                # tokens / available_tokens
+
+
+class Mixture(FileModel):
+    """How the training rows were mixed (`shard.mixture`): the seed, the rule, and each source's outcome."""
+
+    seed: int
+    rule: str = Field(min_length=1)
+    repeat_id_format: str
+    target_tokens: int = Field(ge=0)
+    sources: dict[str, MixtureSource]
+
+
 class ShardManifest(FileModel):
     """`manifest.json`: the token layout, the split rule, and counts per shard and source.
 
@@ -175,6 +195,7 @@ class ShardManifest(FileModel):
     shards: list[ShardEntry]
     tokens_by_source: dict[str, SplitTokens]
     total_tokens: int = Field(ge=0)
+    mixture: Mixture | None = Field(None, exclude_if=lambda value: value is None)   # only when shard.mixture is set
 
     @field_validator("token_dtype")
     @classmethod

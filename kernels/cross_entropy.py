@@ -100,9 +100,11 @@ def cross_entropy_rows_torch(logits: Tensor, targets: Tensor, ignore_index: int,
     lse = torch.logsumexp(x, dim=1)
     loss = torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0)
     if scale is not None:
-        grad = torch.exp(x - lse[:, None])
+        grad = x.sub_(lse[:, None]).exp_()          # in place: x is `logits` itself (fp32) or a scratch copy
         grad[torch.arange(len(safe), device=safe.device), safe] -= 1.0
-        logits.copy_(grad * torch.where(valid, scale, 0.0)[:, None])
+        grad.mul_(torch.where(valid, scale, 0.0)[:, None])
+        if grad is not logits:
+            logits.copy_(grad)
     return loss
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,24 +22,17 @@ import torch
 LAUNCHES: Counter[str] = Counter()
 
 
-@torch.compiler.assume_constant_result
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None      # looked up, not imported
 
 
-@torch.compiler.assume_constant_result
 def interpreting() -> bool:
-    """True when `TRITON_INTERPRET` is set now (read as Triton reads it)."""
-    if not triton_installed():
-        return False
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
+    """True when `TRITON_INTERPRET` is set now, read as Triton reads it (1, true or on, any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
 
 
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the kernels run for tensors on `device`: CUDA with Triton installed, or any device when interpreting."""
-    return triton_installed() and (interpreting() or device.type == "cuda")
+    return TRITON_INSTALLED and (interpreting() or device.type == "cuda")
 
 
 def backend(device: torch.device | str) -> str:
@@ -50,7 +44,7 @@ def backend(device: torch.device | str) -> str:
 
 def why_not_triton(device: torch.device | str) -> str | None:
     """Why the kernels fall back to PyTorch on `device` (None when they run)."""
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         return "Triton is not installed (pip install triton, or the project's [test]/[dev] extra)"
     if not triton_runs_on(torch.device(device)):
         return f"Triton kernels need a CUDA device (this is {torch.device(device).type}), or TRITON_INTERPRET=1"
@@ -122,7 +116,7 @@ def _find_swaps(interpret: bool) -> list[tuple[Any, str, Any, Any]]:
             if interpret and isinstance(value, JITFunction):
                 made = counterparts.setdefault(id(value), InterpretedFunction(value.fn))
             elif not interpret and isinstance(value, InterpretedFunction):
-                made = counterparts.setdefault(id(value), JITFunction(value.fn, **value.kwargs))
+                made = counterparts.setdefault(id(value), JITFunction(value.fn, **getattr(value, "kwargs", {})))
             else:
                 continue
             swaps.append((module, name, value, made))

@@ -99,18 +99,86 @@ def _run_pipeline(config, workspace: Path | None, only, until, force, verbose: b
 
 
 @app.command()
-def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], workspace: WorkspaceOpt = None,
+def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe, or an ablation grid")],
+         workspace: WorkspaceOpt = None,
          set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: a.b=value")] = None,
          ) -> None:
-    """Show every stage with its fingerprint and status (cached, pending, not in recipe); runs nothing."""
+    """Show every stage with its fingerprint and status (cached, pending, not in recipe); runs nothing.
+
+    For an ablation grid: every variant's stages, and which other variants share each output."""
+    from flows.ablation import is_grid_file
     from flows.plan import make_plan
     from storage.workspace import Workspace, resolve_workspace
 
+    if is_grid_file(recipe):
+        _plan_grid(recipe, Workspace(resolve_workspace(workspace)))
+        return
     config = _load(recipe, set_)
     stages = make_plan(config, Workspace(resolve_workspace(workspace)))
     typer.echo(f"{'stage':<10} {'fingerprint':<13} status")
     for stage in stages:
         typer.echo(f"{stage.name:<10} {stage.fingerprint or '-':<13} {stage.status}")
+
+
+def _plan_grid(path: Path, ws) -> None:
+    from flows.ablation import expand, format_grid_plan, load_grid, plan_grid
+    from flows.recipe import RecipeError
+
+    try:
+        typer.echo(format_grid_plan(plan_grid(expand(load_grid(path)), ws)))
+    except RecipeError as err:
+        _fail(str(err))
+
+
+@app.command()
+def ablate(grid: Annotated[Path, typer.Argument(help="ablation grid, e.g. configs/ablations/demo.yaml")],
+           workspace: WorkspaceOpt = None,
+           max_parallel: Annotated[int, typer.Option(min=1, help="variants running at once (processes)")] = 1,
+           verbose: VerboseOpt = False) -> None:
+    """Run every variant of an ablation grid (stages they share are built once), then print the comparison."""
+    from flows.ablation import load_grid
+    from flows.compare import render
+    from flows.recipe import RecipeError
+    from storage.stage import StageError
+    from storage.workspace import resolve_workspace
+
+    try:
+        spec = load_grid(grid)
+    except RecipeError as err:
+        _fail(str(err))
+    _sigterm_to_exit()
+    if not verbose:
+        _quiet_user_errors()
+    from flows.ablate import ablation
+    from flows.compare import compare_grid
+    from storage.workspace import Workspace
+
+    try:
+        ablation(grid=spec, workspace=str(resolve_workspace(workspace)), max_parallel=max_parallel)
+    except (StageError, RecipeError) as err:
+        _fail(str(err), code=1)
+    typer.echo(render(compare_grid(Workspace(resolve_workspace(workspace)), spec.name), "table"))
+
+
+@app.command()
+def compare(grid: Annotated[str, typer.Argument(help="the grid's name (its `name:` field)")],
+            workspace: WorkspaceOpt = None,
+            fmt: Annotated[str, typer.Option("--format", help="table, csv, json or markdown")] = "table") -> None:
+    """The variant x metric table of an ablation grid: every stage's headline numbers, mean ± std over seeds."""
+    from flows.compare import FORMATS, NoSuchGridError, compare_grid, render, write_parquet
+    from storage.workspace import Workspace, resolve_workspace
+
+    if fmt not in FORMATS:
+        _fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    ws = Workspace(resolve_workspace(workspace))
+    if not ws.catalog_path.is_file():
+        _fail(f"no catalog at {ws.catalog_path}: run `lmforge ablate` first, or pass --workspace")
+    try:
+        table = compare_grid(ws, grid)
+    except NoSuchGridError as err:
+        _fail(str(err), code=1)
+    write_parquet(ws, table)
+    typer.echo(render(table, fmt))
 
 
 @app.command()

@@ -13,7 +13,8 @@ from prefect.filesystems import LocalFileSystem
 
 from flows.plan import PlannedStage, enabled_stages, is_fresh, make_plan
 from flows.recipe import PipelineConfig
-from flows.runner import RunInfo, execute_stage, record_cached_stage
+from flows.runner import RunInfo, execute_stage, metric_safe, record_cached_stage
+from flows.stages import STAGES
 from storage.catalog import Catalog
 from storage.telemetry import disable_telemetry
 from storage.tracking import Tracker
@@ -74,6 +75,7 @@ def pipeline(config: PipelineConfig, workspace: str = "./workspace", only: list[
     info = start_pipeline_run(config, ws)
     try:
         outcomes = _run_stages(config, ws, selected, set(force or []), info)
+        log_headlines(info, outcomes)
     except BaseException as err:
         finish_pipeline_run(info, "failed" if isinstance(err, Exception) else "killed")
         raise
@@ -89,6 +91,8 @@ def _run_stages(config: PipelineConfig, ws: Workspace, selected: list[str], forc
     for planned in make_plan(config, ws):
         if planned.name not in selected:
             continue
+        if planned.borrowed_from and not ws.is_done(planned.name, planned.fingerprint):
+            build_borrowed(planned, ws)
         planned.input_digests = _upstream_digests(planned, ws)
         result = stage_task.with_options(result_storage=storage)(
             planned.name, planned.fingerprint, str(ws.root), planned.input_digests, planned.name in force, planned, info)
@@ -98,6 +102,14 @@ def _run_stages(config: PipelineConfig, ws: Workspace, selected: list[str], forc
         print(f"{planned.name:<10} {planned.fingerprint}  {'cached' if result['cached'] else 'built'}")
         outcomes.append(result)
     return outcomes
+
+
+def build_borrowed(planned: PlannedStage, ws: Workspace) -> None:
+    """A `from_recipe` stage not built yet: run that recipe up to it (a nested pipeline run), once."""
+    from flows.recipe import load_recipe
+
+    print(f"{planned.name:<10} {planned.fingerprint}  from {planned.borrowed_from}: building it there first")
+    pipeline(config=load_recipe(planned.borrowed_from), workspace=str(ws.root), until=planned.name)
 
 
 def result_storage(ws: Workspace) -> LocalFileSystem:
@@ -127,17 +139,40 @@ def start_pipeline_run(config: PipelineConfig, ws: Workspace) -> RunInfo:
     mark_dead_runs(catalog, tracker)
     run_id = uuid.uuid4().hex[:16]
     tags = {"lmforge.run_id": run_id, "lmforge.recipe": config.name, "lmforge.pid": str(os.getpid()),
-            "lmforge.host": socket.gethostname(), "lmforge.workspace": str(ws.root)}
-    parent = tracker.start_run(config.name, config.model_dump(mode="json", exclude_none=True), tags)
+            "lmforge.host": socket.gethostname(), "lmforge.workspace": str(ws.root), **ablation_tags(config)}
+    params = config.model_dump(mode="json", exclude_none=True, exclude={"ablation"})
+    parent = tracker.start_run(config.name, params, tags)
+    if config.ablation is not None:
+        # the variant's own changes, so MLflow's compare view lines variants up by what differs
+        tracker.log_params(parent, {f"override.{key}": value for key, value in config.ablation.overrides.items()})
+        tag = config.ablation
+        catalog.record_ablation(tag.grid, tag.variant, tag.position, tag.seed, run_id)
     catalog.start_pipeline(run_id, config.name, os.getpid(), config.model_dump_json(exclude_none=True), parent,
                            _prefect_flow_run_id())
     return RunInfo(run_id, ws, tracker, catalog, parent, config.seed)
+
+
+def ablation_tags(config: PipelineConfig) -> dict[str, str]:
+    if config.ablation is None:
+        return {}
+    return {"lmforge.ablation": config.ablation.grid, "lmforge.variant": config.ablation.variant,
+            "lmforge.seed": str(config.ablation.seed)}
 
 
 def open_stores(ws: Workspace, experiment: str) -> tuple[Catalog, Tracker]:
     """The catalog and the MLflow experiment, created under the workspace's init lock on first use."""
     with ws.init_lock():
         return Catalog(ws.catalog_path), Tracker(ws.root, experiment)
+
+
+def log_headlines(info: RunInfo, outcomes: list[dict[str, Any]]) -> None:
+    """Every stage's headline counters copied onto the pipeline's parent run, as `<stage>/<counter>`."""
+    metrics = {}
+    for outcome in outcomes:
+        stats = info.workspace.read_success(outcome["stage"], outcome["fingerprint"]).get("stats", {})
+        metrics.update({f"{outcome['stage']}/{name}": value
+                        for name, value in STAGES[outcome["stage"]].headline_stats(stats).items()})
+    info.tracker.log_metrics(info.parent_mlflow_run_id, metric_safe(metrics))
 
 
 def finish_pipeline_run(info: RunInfo, status: str) -> None:

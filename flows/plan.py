@@ -22,6 +22,7 @@ class PlannedStage:
     inputs: dict[str, str] = field(default_factory=dict)              # input key -> upstream stage
     input_fingerprints: dict[str, str] = field(default_factory=dict)  # input key -> upstream fingerprint
     input_digests: dict[str, str] = field(default_factory=dict)       # input key -> upstream output digest, if built
+    borrowed_from: str | None = None                                  # the recipe whose stage this is (from_recipe)
 
 
 def enabled_stages(config: PipelineConfig) -> list[str]:
@@ -38,7 +39,7 @@ def stage_fingerprint(name: str, section: StrictModel, input_fps: dict[str, str]
     return fingerprint(name, stage.version, section.output_fields(), input_fps, extra)
 
 
-def make_plan(config: PipelineConfig, workspace: Workspace) -> list[PlannedStage]:
+def make_plan(config: PipelineConfig, workspace: Workspace, _borrowing: tuple[str, ...] = ()) -> list[PlannedStage]:
     """Fingerprints every enabled stage in order; a stage is cached only if its inputs are cached too."""
     enabled = enabled_stages(config)
     planned: dict[str, PlannedStage] = {}
@@ -46,13 +47,33 @@ def make_plan(config: PipelineConfig, workspace: Workspace) -> list[PlannedStage
         if name not in enabled:
             planned[name] = PlannedStage(name, NOT_IN_RECIPE)
             continue
-        planned[name] = _plan_stage(name, getattr(config, name), planned, enabled, config.seed, workspace)
+        section = getattr(config, name)
+        if getattr(section, "from_recipe", None):
+            planned[name] = borrowed_stage(name, section.from_recipe, workspace, _borrowing)
+            continue
+        planned[name] = _plan_stage(name, section, planned, enabled, config.seed, workspace)
     return list(planned.values())
+
+
+def borrowed_stage(name: str, recipe: str, workspace: Workspace, borrowing: tuple[str, ...]) -> PlannedStage:
+    """`<stage>.from_recipe`: exactly the stage that recipe plans (fingerprint, config and inputs), so
+    every recipe naming it shares one output. Its upstream outputs must be built (`lmforge ablate`
+    builds them first; `lmforge run` says which recipe to run)."""
+    from flows.recipe import RecipeError, load_recipe
+
+    if recipe in borrowing:
+        raise RecipeError(f"{name}.from_recipe: {' -> '.join((*borrowing, recipe))} refers back to itself")
+    other = load_recipe(recipe)
+    if getattr(other, name, None) is None:
+        raise RecipeError(f"{name}.from_recipe: {recipe} has no {name} stage")
+    stage = next(s for s in make_plan(other, workspace, (*borrowing, recipe)) if s.name == name)
+    stage.borrowed_from = recipe
+    return stage
 
 
 def _plan_stage(name: str, section: StrictModel, planned: dict[str, PlannedStage], enabled: list[str],
                 seed: int, workspace: Workspace) -> PlannedStage:
-    inputs = input_stages(STAGES[name], enabled)
+    inputs = input_stages(STAGES[name], enabled, section)
     input_fps = {key: planned[up].fingerprint for key, up in inputs.items()}
     fp = stage_fingerprint(name, section, input_fps, seed)
     stage = PlannedStage(name, PENDING, fp, section, inputs, input_fps)

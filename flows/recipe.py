@@ -5,9 +5,34 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from flows.stages import PIPELINE_ORDER, STAGES, StageConfigs, input_stages
+from storage.configbase import StrictModel
+
+
+class Schedule(StrictModel):
+    """When `lmforge serve` runs the recipe (a cron expression); never part of any fingerprint."""
+
+    cron: str = Field(description='e.g. "0 3 * * *" for 03:00 every day')
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError(f"cron {cron!r}: expected five fields (minute hour day month weekday)")
+        return cron
+
+
+class AblationTag(StrictModel):
+    """Which ablation grid, variant and seed a recipe is (set by `lmforge ablate`); no fingerprint sees it."""
+
+    grid: str
+    variant: str
+    position: int = Field(0, ge=0, description="the variant's place in the grid (tables keep the grid's order)")
+    seed: int
+    overrides: dict[str, Any] = {}
 
 
 class PipelineConfig(StageConfigs):
@@ -16,12 +41,14 @@ class PipelineConfig(StageConfigs):
     name: str = Field("lmforge", pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: str = Field("lmforge", description="MLflow experiment that holds the runs")
     seed: int = 1337
+    schedule: Schedule | None = Field(None, description="cron schedule of the deployment `lmforge serve` makes")
+    ablation: AblationTag | None = Field(None, description="set by `lmforge ablate`: the grid, variant and seed")
 
     @model_validator(mode="after")
     def _inputs_available(self) -> "PipelineConfig":
         enabled = self.enabled_stages()
         for name in enabled:
-            input_stages(STAGES[name], enabled)   # raises naming the stage and the missing input
+            input_stages(STAGES[name], enabled, getattr(self, name))   # raises naming the stage and the input
         return self
 
     def enabled_stages(self) -> list[str]:
@@ -43,11 +70,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Returns a copy of `data` with every `a.b=value` applied (list items addressed by index)."""
+    return apply_values(data, {key: value for key, value in map(_parsed, overrides)}, "--set ")
+
+
+def _parsed(item: str) -> tuple[str, Any]:
+    path, value = parse_override(item)
+    return ".".join(path), value
+
+
+def apply_values(data: dict[str, Any], values: dict[str, Any], label: str = "") -> dict[str, Any]:
+    """A copy of `data` with `{"a.b.0.c": value}` set; `label` prefixes error messages."""
     import copy
 
     data = copy.deepcopy(data)
-    for item in overrides:
-        path, value = parse_override(item)
+    for dotted, value in values.items():
+        path, item = dotted.split("."), f"{label}{dotted!r}"
         node: Any = data
         for i, key in enumerate(path[:-1]):
             node = _child(node, key, path[: i + 1], item)
@@ -59,7 +96,7 @@ def _child(node: Any, key: str, walked: list[str], item: str) -> Any:
     if isinstance(node, list):
         return node[_index(key, node, item)]
     if not isinstance(node, dict):
-        raise RecipeError(f"--set {item!r}: {'.'.join(walked[:-1])} is not a mapping")
+        raise RecipeError(f"{item}: {'.'.join(walked[:-1])} is not a mapping")
     if node.get(key) is None:
         node[key] = {}
     return node[key]
@@ -71,12 +108,12 @@ def _assign(node: Any, key: str, value: Any, item: str) -> None:
     elif isinstance(node, dict):
         node[key] = value
     else:
-        raise RecipeError(f"--set {item!r}: cannot set {key!r} inside a {type(node).__name__}")
+        raise RecipeError(f"{item}: cannot set {key!r} inside a {type(node).__name__}")
 
 
 def _index(key: str, node: list, item: str) -> int:
     if not key.isdigit() or int(key) >= len(node):
-        raise RecipeError(f"--set {item!r}: {key!r} is not an index of a list of {len(node)}")
+        raise RecipeError(f"{item}: {key!r} is not an index of a list of {len(node)}")
     return int(key)
 
 
@@ -92,19 +129,29 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Reads, overrides and validates a recipe; raises RecipeError naming the file and field."""
+def read_yaml_mapping(path: str | Path, what: str = "recipe") -> dict[str, Any]:
+    """A YAML (or JSON) file that must hold a mapping; RecipeError naming the file otherwise."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
-        raise RecipeError(f"{path}: cannot read recipe: {err.strerror}") from err
+        raise RecipeError(f"{path}: cannot read {what}: {err.strerror}") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of stage names to configs")
-    data.setdefault("name", path.stem)
+        raise RecipeError(f"{path}: a {what} is a mapping of keys to values")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Reads, overrides and validates a recipe; raises RecipeError naming the file and field."""
+    data = read_yaml_mapping(path)
+    data.setdefault("name", Path(path).stem)
+    return validate_recipe(apply_overrides(data, overrides or []), str(path))
+
+
+def validate_recipe(data: dict[str, Any], origin: str) -> PipelineConfig:
     try:
-        return PipelineConfig.model_validate(apply_overrides(data, overrides or []))
+        return PipelineConfig.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, str(path))) from err
+        raise RecipeError(format_validation_error(err, origin)) from err

@@ -42,15 +42,16 @@ def stage_configs_model(registry: tuple[Stage, ...]) -> type[StrictModel]:
 StageConfigs = stage_configs_model(REGISTRY)
 
 
-def input_stages(stage: Stage, enabled: list[str]) -> dict[str, str]:
+def input_stages(stage: Stage, enabled: list[str], config: Any) -> dict[str, str]:
     """Input key -> the upstream stage that serves it: the last enabled stage before this one providing the key."""
     before = [STAGES[name] for name in enabled[: enabled.index(stage.name)]]
+    required = stage.reads_for(config)
     mapping: dict[str, str] = {}
-    for key in (*stage.reads, *stage.optional_reads):
+    for key in (*required, *stage.optional_reads):
         candidates = [upstream.name for upstream in before if key in upstream.keys]
         if candidates:
             mapping[key] = candidates[-1]
-        elif key in stage.reads:
+        elif key in required:
             providers = [s.name for s in REGISTRY if key in s.keys]
             raise ValueError(f"stage {stage.name!r} reads {key!r}, which no earlier stage of the recipe provides; "
                              f"add one of: {', '.join(providers)}")

@@ -24,9 +24,12 @@ create table if not exists stage_runs (
 create table if not exists stage_stats (
     fingerprint varchar, stage varchar, name varchar, value double, primary key (fingerprint, stage, name)
 );
+create table if not exists ablations (
+    grid varchar, variant varchar, position integer, seed bigint, run_id varchar, recorded_at timestamptz
+);
 """
 OPEN_RETRIES = 300   # ~30 s of backoff: writers and the query copy hold the lock for milliseconds
-TABLES = ("pipeline_runs", "stage_runs", "stage_stats")
+TABLES = ("pipeline_runs", "stage_runs", "stage_stats", "ablations")
 # Views over the workspace's committed Parquet outputs, so one query can join counters and data:
 # view name -> [(stage, glob under its output)], declared by the stages (`flows.stages.catalog_views`).
 OutputViews = dict[str, list[tuple[str, str]]]
@@ -93,6 +96,12 @@ class Catalog:
                         [run_id, recipe_name, utcnow(), pid, mlflow_run_id, prefect_flow_run_id, config_json,
                          socket.gethostname()])
 
+    def record_ablation(self, grid: str, variant: str, position: int, seed: int, run_id: str) -> None:
+        """Pipeline run `run_id` is (variant, seed) of ablation grid `grid`; `position` is the variant's place."""
+        with self.connect() as con:
+            con.execute("insert into ablations values (?, ?, ?, ?, ?, ?)",
+                        [grid, variant, position, seed, run_id, utcnow()])
+
     def finish_pipeline(self, run_id: str, status: str) -> None:
         with self.connect() as con:
             con.execute("update pipeline_runs set status = ?, finished_at = ? where run_id = ?", [status, utcnow(), run_id])
@@ -138,14 +147,15 @@ class Catalog:
         finally:
             con.execute("detach catalog_file")
 
-    def query(self, sql: str, views: OutputViews | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    def query(self, sql: str, views: OutputViews | None = None,
+              params: list[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Runs SQL on an in-memory copy of the catalog (a long query never blocks a running pipeline),
         with the workspace's committed Parquet outputs as views; returns column names and rows."""
         con = duckdb.connect()
         try:
             self._copy_tables_into(con)
             create_output_views(con, self.path.parent, views or {})
-            cursor = con.execute(sql)
+            cursor = con.execute(sql, params) if params else con.execute(sql)
             names = [d[0] for d in cursor.description] if cursor.description else []
             return names, cursor.fetchall()
         finally:

@@ -93,27 +93,41 @@ class Stage:
 
     `reads` names input keys: another stage's name, or a key some stages `provide` (ingest, curate
     and dedup provide `documents`); each key is served by the last stage before this one in the
-    recipe that provides it. `optional_reads` are used when such a stage is in the recipe.
+    recipe that provides it. `reads` may also be a function of the config (a pretrained tokenizer
+    reads no documents). `optional_reads` are used when such a stage is in the recipe.
     `seed_matters(config)` says whether the pipeline seed changes the output (only then does it
     enter the fingerprint). `external_inputs(config)` returns what else decides the output (files,
     library versions). `catalog_views` maps a catalog view name to a glob under the stage output.
+    `headline` names the counters (exact names or `fnmatch` patterns) that summarise a run: the
+    terminal's line for the stage, an ablation's parent MLflow run and `lmforge compare` show them.
     """
 
     name: str
     version: str
     config: type[StrictModel]
     run: RunFn
-    reads: tuple[str, ...] = ()
+    reads: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     optional_reads: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
     seed_matters: Callable[[Any], bool] = never
     external_inputs: Callable[[Any], dict[str, Any]] | None = None
     catalog_views: Mapping[str, str] = field(default_factory=dict)
+    headline: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = stage_problems(self)
         if problems:
             raise TypeError(f"stage {self.name!r} is not a valid Stage: {'; '.join(problems)}")
+
+    def reads_for(self, config: Any) -> tuple[str, ...]:
+        """The input keys this configuration needs."""
+        return tuple(self.reads(config)) if callable(self.reads) else self.reads
+
+    def headline_stats(self, stats: Mapping[str, float]) -> dict[str, float]:
+        """The counters of `stats` named by `headline`, in its order."""
+        from fnmatch import fnmatchcase
+
+        return {name: stats[name] for pattern in self.headline for name in stats if fnmatchcase(name, pattern)}
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -135,8 +149,10 @@ def stage_problems(stage: Stage) -> list[str]:
             problems.append(f"{name} must be callable")
     if stage.external_inputs is not None and not callable(stage.external_inputs):
         problems.append("external_inputs must be callable or None")
-    for name in ("reads", "optional_reads", "provides"):
+    for name in ("reads", "optional_reads", "provides", "headline"):
         value = getattr(stage, name)
+        if name == "reads" and callable(value):
+            continue
         if not isinstance(value, tuple) or not all(isinstance(k, str) and k for k in value):
             problems.append(f"{name} must be a tuple of non-empty strings")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(stage.catalog_views).items()):

@@ -51,6 +51,6 @@ def samples(config: CurateConfig) -> bool:
 
 STAGE = Stage(name="curate", version=VERSION, config=CurateConfig, run=deferred("tasks.curate.stage:run"),
               reads=("documents",), provides=("documents",), seed_matters=samples, external_inputs=external_inputs,
-              catalog_views={"documents": "**/*.parquet"})
+              catalog_views={"documents": "**/*.parquet"}, headline=("docs_in", "docs_out"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "CurateConfig", "external_inputs", "run"]

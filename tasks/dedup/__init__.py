@@ -38,6 +38,6 @@ def external_inputs(config: DedupConfig) -> dict[str, Any]:
 
 STAGE = Stage(name="dedup", version=VERSION, config=DedupConfig, run=deferred("tasks.dedup.stage:run"),
               reads=("documents",), provides=("documents",), external_inputs=external_inputs,
-              catalog_views={"documents": "**/*.parquet"})
+              catalog_views={"documents": "**/*.parquet"}, headline=("docs_in", "docs_out", "minhash/clusters"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "DedupConfig", "external_inputs", "run"]

@@ -47,6 +47,6 @@ def samples(config: IngestConfig) -> bool:
 
 STAGE = Stage(name="ingest", version=VERSION, config=IngestConfig, run=deferred("tasks.ingest.stage:run"),
               provides=("documents",), seed_matters=samples, external_inputs=external_inputs,
-              catalog_views={"documents": "**/*.parquet"})
+              catalog_views={"documents": "**/*.parquet"}, headline=("docs_in", "docs_out"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "IngestConfig", "external_inputs", "run"]

@@ -12,8 +12,16 @@ from tasks.tokenizer.pretrained import external_inputs
 
 VERSION = "2"   # 2: held-out and train_fraction choice by storage.sampling.unit_hash
 
+
+
+def reads(config: TokenizerConfig) -> tuple[str, ...]:
+    """Training reads the documents; a fixed tokenizer reads nothing, so it is the same for every data variant."""
+    return () if config.pretrained or config.from_recipe else ("documents",)
+
+
 STAGE = Stage(name="tokenizer", version=VERSION, config=TokenizerConfig, run=deferred("tasks.tokenizer.stage:run"),
-              optional_reads=("documents",), external_inputs=external_inputs)   # a pretrained one needs none
+              reads=reads, external_inputs=external_inputs,
+              headline=("vocab_size", "bytes_per_token"))
 run = STAGE.run
 __all__ = ["CONFIG_FILE", "GPT4_PATTERN", "HF_FILE", "RANKS_FILE", "STAGE", "VERSION", "TokenizerConfig",
            "Vocabulary", "external_inputs", "load_encoding", "read_vocabulary", "run"]

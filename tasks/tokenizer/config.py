@@ -17,8 +17,9 @@ GPT4_PATTERN = (
 BYTE_TOKENS = 256
 MAX_VOCAB = 2**32          # token ids must fit the uint32 shard column
 PRETRAINED_NAMES = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
-# What only training reads: with `pretrained` set these change nothing.
-TRAINING_ONLY = ("vocab_size", "max_train_chars", "sources", "train_fraction")
+# What only training reads: with `pretrained` set these change nothing. A fixed tokenizer reads no
+# documents (so it is the same for every data variant of an ablation), hence no held-out statistics.
+TRAINING_ONLY = ("vocab_size", "max_train_chars", "sources", "train_fraction", "heldout_docs", "max_doc_chars")
 
 
 class TokenizerConfig(StrictModel):
@@ -26,15 +27,19 @@ class TokenizerConfig(StrictModel):
 
     `pretrained` is a tiktoken name (`gpt2`, `cl100k_base`, ...; its file must already be in the
     tiktoken cache, nothing is downloaded), a directory written by this stage, or a `.tiktoken`
-    rank file (split with `pattern`). With `pretrained` set, the training fields (`vocab_size`,
-    `max_train_chars`, `sources`, `train_fraction`, and `pattern` unless it splits a rank file)
+    rank file (split with `pattern`). A fixed tokenizer reads no documents, so every data variant
+    of an ablation shares it; its training fields (`vocab_size`, `max_train_chars`, `sources`,
+    `train_fraction`, `heldout_docs`, `max_doc_chars`, and `pattern` unless it splits a rank file)
     change nothing: setting one to anything but its default is an error, and they stay out of the
-    fingerprint. `special_tokens` still apply, and `heldout_docs` (with `max_doc_chars`, which cuts
-    each held-out document) decide the held-out statistics, which are part of the stage's record.
+    fingerprint. `special_tokens` still apply. `from_recipe: <recipe.yaml>` uses exactly the
+    tokenizer that recipe's tokenizer stage builds (the planner borrows that stage, fingerprint and
+    inputs included), so a grid trains one tokenizer for all its variants.
     `vocab_size` counts the 256 byte tokens, the learned merges and the special tokens.
     """
 
     pretrained: str | None = None
+    from_recipe: str | None = Field(None, description="use the tokenizer this other recipe's tokenizer stage "
+                                    "builds: the same output, built once for every recipe naming it")
     vocab_size: int = 8192
     pattern: str = GPT4_PATTERN
     special_tokens: list[str] = ["<|endoftext|>"]
@@ -74,13 +79,13 @@ class TokenizerConfig(StrictModel):
 
     def unused_fields(self) -> frozenset[str]:
         """The fields that cannot change the output of this config (training fields of a pretrained one)."""
+        if self.from_recipe:
+            return frozenset(set(type(self).model_fields) - {"from_recipe"})   # that recipe's tokenizer decides
         if not self.pretrained:
             return frozenset()
         unused = set(TRAINING_ONLY)
         if not self.splits_rank_file():
             unused.add("pattern")
-        if self.heldout_docs == 0:
-            unused.add("max_doc_chars")   # it only cuts held-out documents here
         return frozenset(unused)
 
     def splits_rank_file(self) -> bool:
@@ -98,13 +103,14 @@ class TokenizerConfig(StrictModel):
                          if getattr(self, name) != type(self).model_fields[name].default)
         if changed:
             verb, pronoun = ("are", "them") if len(changed) > 1 else ("is", "it")
-            raise ValueError(f"{', '.join(changed)} {verb} unused when pretrained={self.pretrained!r} is set (the "
-                             f"vocabulary comes from it); remove {pronoun} from the recipe")
+            source = f"from_recipe={self.from_recipe!r}" if self.from_recipe else f"pretrained={self.pretrained!r}"
+            raise ValueError(f"{', '.join(changed)} {verb} unused when {source} is set (the vocabulary comes "
+                             f"from it); remove {pronoun} from the recipe")
         return self
 
     @model_validator(mode="after")
     def _vocab_fits(self) -> "TokenizerConfig":
-        if self.pretrained:
+        if self.pretrained or self.from_recipe:
             return self     # the pretrained vocabulary decides the size
         smallest = BYTE_TOKENS + len(self.special_tokens)
         if self.vocab_size < smallest:

@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 
 def run(config: TokenizerConfig, ctx: StageContext) -> StageResult:
     """Writes `tokenizer.tiktoken`, `tokenizer_config.json` and `tokenizer.json` into `ctx.output`."""
+    if config.from_recipe:
+        raise StageError("tokenizer.from_recipe is resolved by the planner, which runs that recipe's tokenizer "
+                         "stage instead of this one (flows.plan.borrowed_stage)")
     result = StageResult()
     vocab = pretrained_vocabulary(config) if config.pretrained else None
-    files = _document_files(ctx, required=vocab is None)
+    # A fixed tokenizer reads no documents (the planner gives it none), so every data variant shares it.
+    files = _document_files(ctx, required=True) if vocab is None else []
     corpus = TrainingCorpus(files, config, select_heldout(files, config.heldout_docs))
     if vocab is None:
         vocab = train_vocabulary(config, corpus, result)

@@ -24,7 +24,8 @@ def test_every_registered_stage_keeps_the_protocol(stage: Stage) -> None:
     assert callable(getattr(importlib.import_module(module_name), function_name))
     assert stage.config.non_output_fields <= set(stage.config.model_fields), "non_output_fields names no field"
     earlier = REGISTRY[: REGISTRY.index(stage)]
-    for key in stage.reads + stage.optional_reads:
+    reads = () if callable(stage.reads) else stage.reads
+    for key in reads + stage.optional_reads:
         assert any(key in upstream.keys for upstream in earlier), f"nothing before {stage.name} provides {key!r}"
 
 
@@ -59,7 +60,7 @@ def test_adding_a_stage_is_one_declaration_and_one_registry_entry() -> None:
     assert list(configs.model_fields)[-1] == "toy"
     parsed = configs.model_validate({"toy": {"factor": 3}})
     assert parsed.toy == ToyConfig(factor=3) and parsed.pretrain is None
-    assert input_stages(toy, ["ingest", "tokenizer", "shard", "toy"]) == {"shard": "shard"}
+    assert input_stages(toy, ["ingest", "tokenizer", "shard", "toy"], ToyConfig()) == {"shard": "shard"}
 
 
 def test_the_pipeline_config_and_catalog_views_come_from_the_registry() -> None:
@@ -70,11 +71,18 @@ def test_the_pipeline_config_and_catalog_views_come_from_the_registry() -> None:
 
 
 def test_inputs_come_from_the_last_stage_that_provides_them() -> None:
-    assert input_stages(STAGES["shard"], ["ingest", "curate", "tokenizer", "shard"]) == \
-        {"documents": "curate", "tokenizer": "tokenizer"}
-    assert input_stages(STAGES["tokenizer"], ["tokenizer"]) == {}      # a pretrained tokenizer reads nothing
+    from tasks.shard import ShardConfig
+    from tasks.tokenizer import TokenizerConfig
+
+    enabled = ["ingest", "curate", "tokenizer", "shard"]
+    assert input_stages(STAGES["shard"], enabled, ShardConfig()) == {"documents": "curate", "tokenizer": "tokenizer"}
+    assert input_stages(STAGES["tokenizer"], enabled, TokenizerConfig()) == {"documents": "curate"}
+    # a fixed tokenizer reads no documents, so every data variant of an ablation shares it
+    assert input_stages(STAGES["tokenizer"], enabled, TokenizerConfig(pretrained="gpt2")) == {}
     with pytest.raises(ValueError, match="'shard' reads 'documents'.*add one of: ingest, curate, dedup"):
-        input_stages(STAGES["shard"], ["tokenizer", "shard"])
+        input_stages(STAGES["shard"], ["tokenizer", "shard"], ShardConfig())
+    with pytest.raises(ValueError, match="'tokenizer' reads 'documents'"):
+        input_stages(STAGES["tokenizer"], ["tokenizer"], TokenizerConfig())
 
 
 def test_validating_a_recipe_imports_neither_torch_nor_datatrove() -> None:

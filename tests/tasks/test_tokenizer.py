@@ -34,7 +34,7 @@ def docs_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[Document]) -
 
 
 def train(root: Path, docs_dir: Path, name: str = "tokenizer", **fields) -> tuple[Path, dict]:
-    fields = {"heldout_docs": 200, **({} if fields.get("pretrained") else {"vocab_size": 1024}), **fields}
+    fields = {**({} if fields.get("pretrained") else {"heldout_docs": 200, "vocab_size": 1024}), **fields}
     ctx = stage_context(root, "tokenizer", {"documents": docs_dir}, name)
     result = run(TokenizerConfig(**fields), ctx)
     return ctx.output, result.stats
@@ -199,7 +199,7 @@ def test_pretrained_directory_and_rank_file_reproduce_the_vocabulary(tmp_path, t
     specials = read_vocabulary(reused).special_tokens
     assert specials["[MASK]"] == original.encode_single_token("[MASK]")
     assert specials["<|new|>"] == original.max_token_value + 1
-    assert stats["train_chars"] == 0 and stats["heldout_docs"] == 200
+    assert stats["train_chars"] == 0 and stats["heldout_docs"] == 0    # a fixed tokenizer reads no documents
 
     rank_file, _ = train(tmp_path, docs_dir, name="rankfile", pretrained=str(source / RANKS_FILE))
     from_ranks = load_encoding(rank_file)
@@ -278,28 +278,33 @@ def test_a_training_field_set_beside_pretrained_is_rejected_naming_it(field, val
 def test_pretrained_fingerprint_holds_only_what_changes_the_output(tmp_path, trained):
     source, _ = trained
     named = TokenizerConfig(pretrained="gpt2")
-    assert set(named.output_fields()) == {"pretrained", "special_tokens", "max_doc_chars", "heldout_docs"}
+    assert set(named.output_fields()) == {"pretrained", "from_recipe", "special_tokens"}
     # the split pattern is used only for a bare rank file, so there it is a knob and enters the fingerprint
     rank_file = TokenizerConfig(pretrained=str(source / RANKS_FILE), pattern=r"\s+|\S+")
     assert rank_file.output_fields()["pattern"] == r"\s+|\S+"
     assert "pattern" not in TokenizerConfig(pretrained=str(source)).output_fields()   # a directory brings its own
-    # without held-out documents max_doc_chars cuts nothing: rejected when set, absent from the fingerprint
-    with pytest.raises(ValidationError, match="max_doc_chars is unused"):
-        TokenizerConfig(pretrained="gpt2", heldout_docs=0, max_doc_chars=50)
-    assert "max_doc_chars" not in TokenizerConfig(pretrained="gpt2", heldout_docs=0).output_fields()
+    # a fixed tokenizer reads no documents (every data variant shares it): the held-out fields are rejected
+    with pytest.raises(ValidationError, match="heldout_docs, max_doc_chars are unused"):
+        TokenizerConfig(pretrained="gpt2", heldout_docs=10, max_doc_chars=50)
     # a full dump (Prefect parameters, _SUCCESS.json) validates again to the same fingerprint
     assert TokenizerConfig(**named.model_dump()).output_fields() == named.output_fields()
     assert set(TokenizerConfig().output_fields()) == set(TokenizerConfig.model_fields)   # training uses them all
+    # from_recipe: that recipe's tokenizer decides everything, so the fingerprint is the name alone
+    assert TokenizerConfig(from_recipe="configs/demo.yaml").output_fields() == {"from_recipe": "configs/demo.yaml"}
+    with pytest.raises(ValidationError, match="vocab_size is unused when from_recipe"):
+        TokenizerConfig(from_recipe="configs/demo.yaml", vocab_size=300)
 
 
-def test_pretrained_held_out_stats_follow_heldout_docs_and_max_doc_chars(tmp_path, trained, docs_dir):
-    """The held-out statistics are part of the stage's record, so the two fields that decide them stay knobs."""
+def test_a_fixed_tokenizer_reads_no_documents(tmp_path, trained, docs_dir):
+    """Handed documents anyway, a pretrained tokenizer ignores them: its output is the same for every variant."""
     source, _ = trained
-    _, few = train(tmp_path, docs_dir, name="few", pretrained=str(source), heldout_docs=20)
-    _, cut = train(tmp_path, docs_dir, name="cut", pretrained=str(source), heldout_docs=20, max_doc_chars=100)
-    assert few["heldout_docs"] == cut["heldout_docs"] == 20
-    assert few["heldout_tokens"] > cut["heldout_tokens"] > 0
-    assert few["train_docs"] == 0
+    out, stats = train(tmp_path, docs_dir, name="fixed", pretrained=str(source))
+    assert stats["heldout_docs"] == 0 and stats["train_docs"] == 0
+    empty = tmp_path / "none"
+    empty.mkdir()
+    again, _ = train(tmp_path, empty, name="fixed-again", pretrained=str(source))
+    assert [(p.name, p.read_bytes()) for p in sorted(out.iterdir())] == \
+        [(p.name, p.read_bytes()) for p in sorted(again.iterdir())]
 
 
 # --- typed tokenizer_config.json ----------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""The ablation flow: every (variant, seed) of a grid as a pipeline run, then the comparison table.
+
+With `max_parallel` 1 the variants run one after another as sub-flows of this flow (one process, one
+Prefect flow tree). With more, each runs as its own `lmforge run` process on the variant's recipe
+file, at most `max_parallel` at a time; the stage locks make variants that share a stage build it
+once, whichever process gets there first.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.ablation import Grid, Variant, expand, write_variant_recipes
+from flows.compare import compare_grid, publish_comparison
+from flows.pipeline import pipeline
+from storage.stage import StageError
+from storage.workspace import Workspace
+
+@flow(name="lmforge-ablation", flow_run_name="{grid.name}", log_prints=True)
+def ablation(grid: Grid, workspace: str = "./workspace", max_parallel: int = 1) -> list[dict[str, Any]]:
+    """Runs every variant of `grid` (reusing whatever is built), then writes and publishes the comparison."""
+    ws = Workspace.at(workspace)
+    variants = expand(grid)
+    recipes = write_variant_recipes(grid, variants, ws)
+    if max_parallel <= 1:
+        for variant in variants:
+            print(f"== {grid.name}: {variant.label}")
+            pipeline(config=variant.config, workspace=str(ws.root))
+    else:
+        run_in_processes(variants, recipes, ws, max_parallel)
+    table = compare_grid(ws, grid.name)
+    publish_comparison(ws, grid.name, table)
+    return table.rows
+
+
+def run_in_processes(variants: list[Variant], recipes: dict[str, Path], ws: Workspace, max_parallel: int) -> None:
+    """`lmforge run <variant recipe>` per variant, `max_parallel` at a time; fails naming every failed variant."""
+    env = {**os.environ, "PREFECT_API_URL": os.environ.get("PREFECT_API_URL") or _current_api_url()}
+    with ThreadPoolExecutor(max_parallel) as pool:
+        codes = list(pool.map(lambda v: _run_variant(recipes[v.label], ws, env), variants))
+    failed = [f"{v.label} (exit {code}; log: {recipes[v.label].with_suffix('.log')})"
+              for v, code in zip(variants, codes) if code != 0]
+    if failed:
+        raise StageError(f"{len(failed)} of {len(variants)} variants failed: {', '.join(failed)}")
+
+
+def _run_variant(recipe: Path, ws: Workspace, env: dict[str, str]) -> int:
+    command = [sys.executable, "-m", "flows.cli", "run", str(recipe), "-w", str(ws.root)]
+    with open(recipe.with_suffix(".log"), "w") as log:
+        # the user's working directory: recipe paths are relative to it
+        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def _current_api_url() -> str:
+    """The Prefect API this flow talks to (the temporary server, when none is configured)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/")

@@ -1,0 +1,100 @@
+"""Ablation grids: variants expand to recipes, share stages, run once, and compare in one table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_cli import catalog_rows, write_recipe
+
+from flows.ablation import expand, load_grid, plan_grid
+from flows.recipe import RecipeError
+from storage.workspace import Workspace
+
+
+@pytest.fixture
+def grid(tmp_path: Path, shared_data: Path) -> Path:
+    base = write_recipe(tmp_path / "base.yaml", {"name": "base", "ingest": {"sources": [
+        {"name": "dolma", "kind": "jsonl", "paths": [str(shared_data / "raw/dolma_ccnet_cc_en_head-0091.jsonl")]},
+        {"name": "cc", "kind": "warc", "paths": [str(shared_data / "raw/*.warc.gz")]}]},
+        "tokenizer": {"vocab_size": 300, "heldout_docs": 2}, "shard": {"val_fraction": 0.1}})
+    return write_recipe(tmp_path / "grid.yaml", {
+        "name": "tiny", "base": str(base),
+        "overrides": {"tokenizer": {"from_recipe": str(base)}},      # one tokenizer for every variant
+        "variants": {"full": {}, "dolma5": {"ingest.sources.0.max_docs": 5}, "no_shard": {"shard": None}}})
+
+
+def test_variants_expand_to_recipes_named_and_tagged(grid: Path) -> None:
+    variants = expand(load_grid(grid))
+    assert [v.config.name for v in variants] == ["tiny-full", "tiny-dolma5", "tiny-no_shard"]
+    dolma5 = variants[1].config
+    assert dolma5.ingest.sources[0].max_docs == 5 and dolma5.ablation.variant == "dolma5"
+    assert dolma5.ablation.overrides == {"tokenizer": {"from_recipe": str(grid.parent / "base.yaml")},
+                                         "ingest.sources.0.max_docs": 5}
+    assert variants[2].config.shard is None and variants[2].config.enabled_stages() == ["ingest", "tokenizer"]
+
+
+def test_seeds_multiply_variants_and_bad_grids_name_the_problem(grid: Path, tmp_path: Path) -> None:
+    data = json.loads(grid.read_text())
+    seeded = write_recipe(tmp_path / "seeded.yaml", {**data, "seeds": [1, 2]})
+    assert [(v.name, v.seed, v.config.name) for v in expand(load_grid(seeded))][:2] == \
+        [("full", 1, "tiny-full-s1"), ("full", 2, "tiny-full-s2")]
+    bad = write_recipe(tmp_path / "bad.yaml", {**data, "variants": {"oops": {"shard.val_fraction": 2}}})
+    with pytest.raises(RecipeError, match=r"variant oops.*shard.val_fraction: Input should be less than 1"):
+        expand(load_grid(bad))
+    with pytest.raises(RecipeError, match="seeds must be a non-empty list of distinct integers"):
+        load_grid(write_recipe(tmp_path / "dup.yaml", {**data, "seeds": [1, 1]}))
+
+
+def test_the_grid_plan_shows_which_variants_share_each_output(grid: Path, tmp_path: Path) -> None:
+    rows = plan_grid(expand(load_grid(grid)), Workspace(tmp_path / "ws"))
+    by = {(r.variant.split("/")[0], r.stage): r for r in rows}
+    tokenizers = {by[(v, "tokenizer")].fingerprint for v in ("full", "dolma5", "no_shard")}
+    assert len(tokenizers) == 1                                  # independent of each variant's documents
+    assert by[("full", "ingest")].shared_with == ("no_shard/seed=1337",)
+    assert by[("dolma5", "ingest")].shared_with == ()
+    assert by[("full", "shard")].fingerprint != by[("dolma5", "shard")].fingerprint
+    assert all(r.status == "pending" for r in rows)
+
+
+def test_a_grid_runs_in_parallel_builds_each_output_once_and_compares(grid: Path, tmp_path: Path, cli) -> None:
+    ws = tmp_path / "ws"
+    out = cli(["ablate", str(grid), "-w", str(ws), "--max-parallel", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tiny: 3 variants" in out.stdout and "shard/tokens_train" in out.stdout
+    built = catalog_rows(ws, "select stage, fingerprint, count(*) from stage_runs where not cached group by all")
+    assert all(count == 1 for _, _, count in built) and len(built) == 5   # 2 ingests, 1 tokenizer, 2 shards
+    assert sorted(catalog_rows(ws, "select variant from ablations where grid = 'tiny'")) == \
+        [("dolma5",), ("full",), ("no_shard",)]
+    rows = json.loads(cli(["compare", "tiny", "-w", str(ws), "--format", "json"]).stdout)
+    docs = {r["variant"]: r["mean"] for r in rows if r["metric"] == "ingest/docs_out"}
+    assert docs == {"full": 48, "dolma5": 43, "no_shard": 48}
+    assert (ws / "ablations/tiny/compare.parquet").is_file()
+    markdown = cli(["compare", "tiny", "-w", str(ws), "--format", "markdown"]).stdout
+    assert markdown.splitlines()[0] == "| metric | full | dolma5 | no_shard |"
+    assert_parent_runs_line_up(ws)
+
+
+def assert_parent_runs_line_up(ws: Path) -> None:
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lmforge").experiment_id
+    parents = client.search_runs([experiment], filter_string="tags.`lmforge.ablation` = 'tiny'")
+    by_variant = {r.data.tags["lmforge.variant"]: r for r in parents}
+    assert set(by_variant) == {"full", "dolma5", "no_shard"}
+    dolma5 = by_variant["dolma5"]
+    assert dolma5.data.params["override.ingest.sources.0.max_docs"] == "5"
+    assert dolma5.data.metrics["ingest/docs_out"] == 43 and "shard/tokens_train" in dolma5.data.metrics
+    nested = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{dolma5.info.run_id}'")
+    assert sorted(r.data.tags["lmforge.stage"] for r in nested) == ["ingest", "shard", "tokenizer"]
+    assert all(r.info.status == "FINISHED" for r in [*parents, *nested])
+
+
+def test_compare_names_a_grid_that_never_ran(tmp_path: Path, cli) -> None:
+    ws = tmp_path / "ws"
+    Workspace.at(ws)
+    from storage.catalog import Catalog
+
+    Catalog(ws / "catalog.duckdb")
+    out = cli(["compare", "nothing", "-w", str(ws)])
+    assert out.returncode == 1 and "no finished run of ablation grid 'nothing'" in out.stderr

@@ -5,6 +5,13 @@ the seed and dealt out round-robin, so each rank reads its own row groups and no
 same one. A rank's stream is endless (epochs repeat) and seekable: `LoaderState` (epoch, row group,
 offset) is all a checkpoint needs to continue exactly where it stopped. Only one row group per rank
 is in memory at a time.
+
+Each training batch says how many document tokens of its split the loader passed over to make it
+(`Batch.consumed`), so the loop can report epochs: the tokens passed over by all ranks / the split's
+document tokens (the manifest's `tokens_train`). GPT: the window's tokens less the end-of-text
+separators the loader inserted. BERT: the tokens of the chunks its pairs were cut from (an NSP pair's
+random B is read where it lives, not counted twice), a row group's leftovers (1-token tails that
+make no pair) counted with its last pair.
 """
 from __future__ import annotations
 
@@ -215,8 +222,11 @@ class PairStream(_RowGroupStream):
     def _load(self, group_index: int, epoch: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
         values, lengths = read_documents(self.groups[group_index], self.split, self.vocab_size)
         rng = np.random.default_rng([self.seed, epoch, group_index])
-        return [self._encode(values, a, b, label) for a, b, label in
-                pair_spans(lengths, self.seq_len - 3, self.nsp, rng)]
+        spans = list(pair_spans(lengths, self.seq_len - 3, self.nsp, rng))
+        self._consumed = [a[1] + size for a, _, _, size in spans]
+        if self._consumed:
+            self._consumed[-1] += int(values.size) - sum(self._consumed)    # tails too short to make a pair
+        return [self._encode(values, a, b, label) for a, b, label, _ in spans]
 
     def _encode(self, values: np.ndarray, a: tuple[int, int], b: tuple[int, int],
                 label: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -230,15 +240,22 @@ class PairStream(_RowGroupStream):
 
     def take(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The next (input ids, segment ids, next-sentence label)."""
+        return self.take_counted()[0]
+
+    def take_counted(self) -> tuple[tuple[np.ndarray, np.ndarray, int], int]:
+        """The next example, and the document tokens passed over to make it."""
         examples = self._items_left()
-        example = examples[self.state.offset]
+        example, consumed = examples[self.state.offset], self._consumed[self.state.offset]
         self.state.offset += 1
-        return example
+        return example, consumed
 
 
 def pair_spans(lengths: np.ndarray, content: int, nsp: bool,
-               rng: np.random.Generator) -> Iterator[tuple[tuple[int, int], tuple[int, int], int]]:
-    """(A start, length), (B start, length), label for every chunk of every document."""
+               rng: np.random.Generator) -> Iterator[tuple[tuple[int, int], tuple[int, int], int, int]]:
+    """(A start, length), (B start, length), label, and the length of B's own span, for every chunk of every document.
+
+    With NSP, B may be another document's span; the chunk's own second part is still what was read.
+    """
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
     docs = [int(i) for i in np.flatnonzero(lengths > 0)]
     for doc in docs:
@@ -250,9 +267,9 @@ def pair_spans(lengths: np.ndarray, content: int, nsp: bool,
             cut = int(rng.integers(1, size))
             a, b = (chunk, cut), (chunk + cut, size - cut)
             if nsp and len(docs) > 1 and rng.random() < 0.5:
-                yield a, _random_span(starts, lengths, docs, doc, size - cut, rng), NOT_NEXT
+                yield a, _random_span(starts, lengths, docs, doc, size - cut, rng), NOT_NEXT, b[1]
             else:
-                yield a, b, IS_NEXT
+                yield a, b, IS_NEXT, b[1]
 
 
 def _random_span(starts: np.ndarray, lengths: np.ndarray, docs: list[int], exclude: int, size: int,
@@ -269,20 +286,22 @@ def gpt_batches(stream: TokenStream, micro_batch: int, seq_len: int) -> Iterator
     """Windows of seq_len + 1 tokens: inputs are the first seq_len, targets the last seq_len."""
     while True:
         window = stream.take(micro_batch * (seq_len + 1)).reshape(micro_batch, seq_len + 1)
+        separators = int(np.count_nonzero(window == stream.eot_id))     # documents never hold the EOT id
         yield Batch({"idx": window[:, :-1], "targets": window[:, 1:]}, stream.state.as_dict(),
-                    micro_batch * seq_len)
+                    micro_batch * seq_len, consumed=window.size - separators)
 
 
 def bert_batches(stream: PairStream, micro_batch: int) -> Iterator[Batch]:
     """Stacked pairs; `attention_mask` marks real tokens, or is None when nothing in the batch is padding."""
     while True:
-        examples = [stream.take() for _ in range(micro_batch)]
+        counted = [stream.take_counted() for _ in range(micro_batch)]
+        examples = [example for example, _ in counted]
         input_ids = np.stack([e[0] for e in examples])
         real = input_ids != stream.ids.pad
         arrays = {"input_ids": input_ids, "segment_ids": np.stack([e[1] for e in examples]),
                   "nsp_labels": np.array([e[2] for e in examples], dtype=np.int64),
                   "attention_mask": None if real.all() else real}
-        yield Batch(arrays, stream.state.as_dict(), int(real.sum()))
+        yield Batch(arrays, stream.state.as_dict(), int(real.sum()), consumed=sum(n for _, n in counted))
 
 
 def strided(batches: Iterator[Batch], rank: int, world: int) -> Iterator[Batch]:

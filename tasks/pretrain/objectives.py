@@ -37,7 +37,9 @@ class ShardObjective(Objective):
 
     def __init__(self, spec: TrainerSpec) -> None:
         self.trainer, self.spec, self.seed = spec, spec.model, spec.loop.seed
-        paths = shard_paths(Path(spec.shard_dir), read_manifest(Path(spec.shard_dir)))
+        manifest = read_manifest(Path(spec.shard_dir))
+        paths = shard_paths(Path(spec.shard_dir), manifest)
+        self.epoch_size = manifest.tokens_train     # one epoch: every document token of the training split
         self.groups = {split: split_row_groups(paths, split) for split in ("train", "val")}
 
     @abstractmethod

@@ -40,7 +40,8 @@ STAT_KEYS = {"steps": "steps", "tokens_trained": "tokens_trained", "final_train_
              "tokens_per_s": "tokens_per_s", "mfu": "mfu", "train_wall_s": "wall_s_train",
              "resumed_from_step": "resumed_from_step", "data_wait_share": "data_wait_share",
              "skipped_nonfinite_steps": "skipped_nonfinite_steps", "micro_batch": "micro_batch",
-             "grad_accum": "grad_accum", "world_size": "world_size"}
+             "grad_accum": "grad_accum", "world_size": "world_size", "epochs": "epochs",
+             "data_consumed": "train_tokens_read"}
 TOKEN_TYPES = {"uint16": pa.list_(pa.uint16()), "uint32": pa.list_(pa.uint32())}
 
 

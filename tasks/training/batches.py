@@ -15,6 +15,7 @@ class Batch:
     arrays: dict[str, Any]            # numpy arrays from the loader; CPU tensors once the loop has them
     position: dict[str, int]          # JSON-able; handed back to `train_batches` to resume after this batch
     tokens: int                       # real (non-padding) tokens, for throughput
+    consumed: int = 0                 # units of the training set the loader passed over for it (`Objective.epoch_size`)
 
 
 class Prefetcher:

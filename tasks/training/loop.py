@@ -50,6 +50,7 @@ class StepResult:
     seconds: float
     data_wait: float
     tokens: int                    # summed over ranks
+    consumed: int = 0              # training-set units the loaders passed over, summed over ranks
     skipped: bool = False
 
 
@@ -192,7 +193,7 @@ class Trainer:
         lr = lr_at(step, self.cfg.optim, self.cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        start, wait, tokens = time.perf_counter(), 0.0, 0
+        start, wait, tokens, consumed = time.perf_counter(), 0.0, 0, 0
         loss_sum = torch.zeros((), device=self.env.device)
         for micro in range(self.accum):
             waited = time.perf_counter()
@@ -204,16 +205,16 @@ class Trainer:
                     loss = self.objective.loss(self.wrapped, inputs)
                 (loss.value / self.accum).backward()
             loss_sum += loss.logged.detach().float()
-            self.position, tokens = batch.position, tokens + batch.tokens
+            self.position, tokens, consumed = batch.position, tokens + batch.tokens, consumed + batch.consumed
         grad_norm = self._clip()
-        loss, grad_norm, tokens = self._reduce(loss_sum / self.accum, grad_norm, tokens)
+        loss, grad_norm, tokens, consumed = self._reduce(loss_sum / self.accum, grad_norm, tokens, consumed)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self._nonfinite(step, loss, grad_norm)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, lr, time.perf_counter() - start, wait, tokens, skipped)
+        return StepResult(loss, grad_norm, lr, time.perf_counter() - start, wait, tokens, consumed, skipped)
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are averaged across ranks only on the last micro-batch of a step."""
@@ -228,15 +229,16 @@ class Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def _reduce(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> tuple[float, float, int]:
-        """Mean loss over ranks, the (already global) grad norm, total tokens: one collective, one sync."""
-        values = torch.stack([loss.double(), grad_norm.double(), torch.tensor(float(tokens), device=loss.device,
-                                                                               dtype=torch.float64)])
+    def _reduce(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int,
+                consumed: int) -> tuple[float, float, int, int]:
+        """Mean loss over ranks, the (already global) grad norm, total tokens and units consumed: one collective."""
+        counts = torch.tensor([float(tokens), float(consumed)], device=loss.device, dtype=torch.float64)
+        values = torch.cat([torch.stack([loss.double(), grad_norm.double()]), counts])
         if self.env.distributed:
             dist.all_reduce(values)
             values[:2] /= self.env.world
-        loss_value, norm_value, token_count = values.tolist()
-        return loss_value, norm_value, int(token_count)
+        loss_value, norm_value, token_count, consumed_count = values.tolist()
+        return loss_value, norm_value, int(token_count), int(consumed_count)
 
     def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
         if self.cfg.on_nonfinite == "stop":
@@ -248,6 +250,7 @@ class Trainer:
     def _after_step(self, step: int, result: StepResult) -> None:
         self.summary["tokens_trained"] += result.tokens
         self.summary["final_train_loss"] = result.loss
+        self._count_epochs(result.consumed)
         last = step == self.cfg.max_steps
         metrics = self._evaluate() if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or last) else {}
         self.summary.update({f"final_{k}": v for k, v in metrics.items()})
@@ -259,6 +262,14 @@ class Trainer:
         if last or (self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0):
             self._checkpoint(step)
 
+    def _count_epochs(self, consumed: int) -> None:
+        """`data_consumed` and `epochs` (= data_consumed / the objective's epoch_size), when it has one."""
+        if not self.objective.epoch_size:
+            return
+        # .get: a checkpoint written before epochs were counted resumes from 0
+        self.summary["data_consumed"] = self.summary.get("data_consumed", 0) + consumed
+        self.summary["epochs"] = self.summary["data_consumed"] / self.objective.epoch_size
+
     def _log(self, step: int, result: StepResult, metrics: dict[str, float]) -> None:
         if self.log is None:
             return
@@ -267,7 +278,10 @@ class Trainer:
                             "tokens_per_s": tokens_per_s, **self._mfu(tokens_per_s),
                             "step_time_s": interval.seconds / max(1, interval.steps),
                             "data_wait_share": interval.wait_share(), "tokens": self.summary["tokens_trained"],
-                            "skipped": result.skipped, **metrics})
+                            "skipped": result.skipped, **self._epochs(), **metrics})
+
+    def _epochs(self) -> dict[str, float]:
+        return {"epochs": self.summary["epochs"]} if "epochs" in self.summary else {}
 
     # ---- data --------------------------------------------------------------------------------
 

@@ -41,6 +41,9 @@ class Objective(ABC):
     """A task family's part of training; the loop owns everything else. See the module docstring."""
 
     spec: ModelSpec                   # the model's shape; `config.json` beside every checkpoint's weights
+    # Units (those `Batch.consumed` counts) in one pass over the training set; the loop then reports
+    # `epochs` = units consumed by all ranks / epoch_size. None: epochs are not reported.
+    epoch_size: int | None = None
 
     @abstractmethod
     def build_model(self) -> nn.Module:

@@ -111,6 +111,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_epochs_count_the_training_tokens_both_ranks_read(reference, corpus: tuple[Path, Path]) -> None:
+    ctx, result = reference
+    stats, available = result.stats, read_manifest(corpus[0]).tokens_train
+    assert stats["epochs"] == stats["train_tokens_read"] / available
+    # a window of seq_len + 1 stream tokens trains seq_len positions; some stream tokens are separators
+    assert 0.9 * stats["tokens_trained"] < stats["train_tokens_read"] < stats["tokens_trained"] * 65 / 64
+    assert sf.read_metrics(ctx.output / "metrics.jsonl")[-1]["epochs"] == stats["epochs"]
+
+
 def test_two_node_launch_agrees_with_the_one_node_run(tmp_path: Path, corpus: tuple[Path, Path], reference) -> None:
     config = PretrainConfig.model_validate({**GPT_RUN, "nproc_per_node": 1, "nnodes": 2,
                                             "rdzv_endpoint": f"127.0.0.1:{free_port()}"})
@@ -164,6 +173,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_continues_exactly(tmp_path: Path,
     assert result.stats["resumed_from_step"] in (10, 20, 30)
     assert losses(tmp_path / "output" / "metrics.jsonl") == losses(reference[0].output / "metrics.jsonl")
     assert result.stats["final_val_loss"] == reference[1].stats["final_val_loss"]
+    assert result.stats["epochs"] == reference[1].stats["epochs"]          # counted from the checkpoint on
     weights = "model/model.safetensors"
     assert (tmp_path / "output" / weights).read_bytes() == (reference[0].output / weights).read_bytes()
 

@@ -50,7 +50,10 @@ def layer_norm_backward(dy_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, d
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        weight = tl.full((BLOCK_N,), 1.0, tl.float32)
     dweight = tl.zeros((BLOCK_N,), tl.float32)
     dbias = tl.zeros((BLOCK_N,), tl.float32)
     first = program * rows_per_program
@@ -64,7 +67,7 @@ def layer_norm_backward(dy_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, d
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         xhat = tl.where(inside, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * weight
+        g = dy * weight[None, :]
         mean_gx = tl.sum(g * xhat, axis=1) / n_cols
         mean_g = tl.sum(g, axis=1) / n_cols
         dx = (g - xhat * mean_gx[:, None] - mean_g[:, None]) * rstd[:, None]

@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from storage.stage import Stage, deferred
-from tasks.ingest.config import FileSource, IngestConfig, WikiOfflineSource, resolve_paths
+from tasks.ingest.config import FileSource, HfSource, IngestConfig, WikiOfflineSource, resolve_paths
+from tasks.ingest.hub import revision_signature
 
 VERSION = "2"   # 2: sampling by storage.sampling.unit_hash with its own salt
 
 
 def external_inputs(config: IngestConfig) -> dict[str, Any]:
-    """What the fingerprint must see besides the config: each file's path, size and mtime (so cron sees new files)."""
+    """What the fingerprint must see besides the config, so a cron rebuild sees what changed upstream.
+
+    File sources: each file's path, size and mtime. `hf` sources: the commit their revision resolves
+    to (`tasks.ingest.hub.revision_signature`: pinned or `unresolved` offline, never a hung plan).
+    """
     signature: dict[str, Any] = {}
     for source in config.sources:
         if isinstance(source, FileSource):
@@ -26,6 +31,8 @@ def external_inputs(config: IngestConfig) -> dict[str, Any]:
         elif isinstance(source, WikiOfflineSource):
             signature[source.name] = {lang: _file_signature(_wiki_offline_dir() / f"summaries_{lang}")
                                       for lang in source.languages}
+        elif isinstance(source, HfSource):
+            signature[source.name] = {"revision": revision_signature(source.dataset, source.revision)}
     return signature
 
 

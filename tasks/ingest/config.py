@@ -70,12 +70,17 @@ class WikiOfflineSource(SourceBase):
 
 
 class HfSource(SourceBase):
+    """A hub dataset, streamed. Its commit enters the fingerprint (`tasks.ingest.hub`): a new upstream commit
+    rebuilds ingest; `revision` pins a commit hash, branch or tag (offline, the pinned one is all there is)."""
+
     kind: Literal["hf"]
     dataset: str
     subset: str | None = None
     split: str = "train"
     text_key: str = "text"
     id_key: str | None = "id"
+    revision: str | None = Field(None, min_length=1, description="commit hash, branch or tag; default: the "
+                                 "default branch's newest commit")
 
 
 Source = Annotated[Union[WarcSource, JsonlSource, ParquetSource, TextSource, WikiOfflineSource, HfSource],

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import re
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from storage.documents import Document
+from tasks.ingest import hub
 from tasks.ingest.config import HfSource, JsonlSource, ParquetSource, SourceBase, TextSource, WarcSource, WikiOfflineSource
 from tasks.ingest.warc import Corruption, iter_warc, parse_http_response
 
@@ -326,26 +329,40 @@ def read_wiki_offline(source: WikiOfflineSource) -> Iterator[Item]:
 
 # --- hf -------------------------------------------------------------------------------------------
 
-def read_hf(source: HfSource) -> Iterator[Item]:
-    """A hub dataset, streamed; offline or without `datasets` it fails with a clear message."""
+def read_hf(source: HfSource, revision: str | None = None) -> Iterator[Item]:
+    """A hub dataset at `revision` (default: the source's own), streamed; offline or without `datasets` it fails
+    with a clear message."""
     from storage.stage import StageError
 
     try:
-        import datasets
+        from datasets import load_dataset
     except ImportError as err:
         raise StageError(f"source {source.name!r}: kind 'hf' needs the `datasets` package "
                          "(pip install 'lmforge[hf]')") from err
-    try:
-        stream = datasets.load_dataset(source.dataset, source.subset, split=source.split, streaming=True)
-        rows = iter(stream)
+    for number, row in enumerate(open_hf_stream(source, revision or source.revision, load_dataset)):
+        yield _hf_document(source, number, row)
+
+
+def open_hf_stream(source: HfSource, revision: str | None, load: Callable[..., Iterable[dict]],
+                   attempts: int = hub.RETRY_ATTEMPTS, sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
+    """The rows of `load(dataset, subset, split=, streaming=True, revision=)`, opened up to the first row.
+
+    Opening is retried when it fails transiently (`hub.with_retries`); a failure later in the stream is
+    not (the datasets library retries its own reads).
+    """
+    from storage.stage import StageError
+
+    def open_() -> Iterator[dict]:
+        rows = iter(load(source.dataset, source.subset, split=source.split, streaming=True, revision=revision))
         first = next(rows, None)
+        return itertools.chain([first] if first is not None else [], rows)
+
+    try:
+        return hub.with_retries(open_, f"source {source.name!r}", attempts=attempts, sleep=sleep)
     except Exception as err:  # the hub client raises many types when offline
-        raise StageError(f"source {source.name!r}: cannot stream hub dataset {source.dataset!r} "
-                         f"(offline, or no such dataset?): {err}") from err
-    for number, row in enumerate([first] if first is not None else [], start=0):
-        yield _hf_document(source, number, row)
-    for number, row in enumerate(rows, start=1):
-        yield _hf_document(source, number, row)
+        tries = f" (after {attempts} tries)" if hub.is_transient(err) else ""
+        raise StageError(f"source {source.name!r}: cannot stream hub dataset {source.dataset!r} revision "
+                         f"{revision or 'default'}{tries} (offline, or no such dataset?): {err}") from err
 
 
 def _hf_document(source: HfSource, number: int, row: dict) -> Item:

@@ -13,6 +13,7 @@ from pathlib import Path
 from storage.documents import Document, DocumentWriter
 from storage.sampling import keep
 from storage.stage import StageContext, StageError, StageResult
+from tasks.ingest import hub
 from tasks.ingest.config import FileSource, HfSource, IngestConfig, SourceBase, WikiOfflineSource, resolve_paths
 from tasks.ingest.readers import Rejected, read_hf, read_source_file, read_wiki_offline
 
@@ -80,6 +81,16 @@ def _reject(source: SourceBase, item: Rejected, result: StageResult) -> None:
     result.bad_inputs[-1]["source"] = source.name
 
 
+def hf_revision(source: HfSource, result: StageResult) -> str | None:
+    """The commit to stream (what the fingerprint saw, asked again), recorded in `_SUCCESS.json`'s artifacts.
+
+    Unresolved (offline), the source's pinned revision, if any, is streamed.
+    """
+    signature = hub.revision_signature(source.dataset, source.revision)
+    result.artifacts.setdefault("hf_revisions", {})[source.name] = signature
+    return signature if hub.COMMIT_HASH.match(signature) else source.revision
+
+
 def file_labels(files: list[Path]) -> dict[Path, str]:
     """How each file is named in ids and stats: its name, or, when names repeat, its path below the common folder."""
     names = [p.name for p in files]
@@ -95,7 +106,7 @@ def _items(source: SourceBase, result: StageResult) -> Iterator[Document | Rejec
         yield from read_wiki_offline(source)
         return
     if isinstance(source, HfSource):
-        yield from read_hf(source)
+        yield from read_hf(source, hf_revision(source, result))
         return
     assert isinstance(source, FileSource)
     files, missing = resolve_paths(source.paths)

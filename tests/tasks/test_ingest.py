@@ -306,3 +306,202 @@ def test_files_with_the_same_name_in_two_folders_get_distinct_ids(tmp_path):
     assert sorted((d.id, d.metadata["file"], d.text) for d in docs) == [
         ("t/a/README.txt", "a/README.txt", "read me a"), ("t/b/README.txt", "b/README.txt", "read me b")]
     assert result.stats["bad/t/b/empty.txt/empty_file"] == 1
+
+
+# --- hf sources: the revision in the fingerprint, retries only for what can pass -----------------------
+
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+class FakeHub:
+    """A local HTTP server answering the hub's dataset-info API (`/api/datasets/<repo>[/revision/<rev>]`)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        hub = self
+        self.commit, self.requests = COMMIT_A, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hub.requests.append(self.path)
+                known = self.path.split("?")[0].startswith("/api/datasets/org/data")
+                body = json.dumps({"id": "org/data", "sha": hub.commit} if known else {"error": "not found"})
+                self.send_response(200 if known else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    from tasks.ingest import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    hub.forget_resolved()
+    server = FakeHub()
+    yield server
+    server.server.shutdown()
+    hub.forget_resolved()
+
+
+def test_an_hf_revision_resolves_to_the_hub_commit_and_a_new_commit_changes_it(fake_hub):
+    from tasks.ingest.hub import forget_resolved, revision_signature
+
+    assert revision_signature("org/data", None, fake_hub.url) == COMMIT_A
+    assert revision_signature("org/data", "main", fake_hub.url) == COMMIT_A
+    assert fake_hub.requests == ["/api/datasets/org/data", "/api/datasets/org/data/revision/main"]
+    fake_hub.commit = COMMIT_B                                      # upstream pushes a commit
+    assert revision_signature("org/data", None, fake_hub.url) == COMMIT_A      # remembered for a minute
+    forget_resolved()
+    assert revision_signature("org/data", None, fake_hub.url) == COMMIT_B
+
+
+def test_a_pinned_commit_hash_is_used_without_asking(fake_hub):
+    from tasks.ingest.hub import revision_signature
+
+    assert revision_signature("org/data", COMMIT_B, fake_hub.url) == COMMIT_B
+    assert fake_hub.requests == []
+
+
+def test_offline_the_fingerprint_uses_the_pinned_revision_or_says_unresolved(fake_hub, monkeypatch):
+    from storage.fingerprint import fingerprint
+    from tasks.ingest import external_inputs
+    from tasks.ingest.hub import revision_signature
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert revision_signature("org/data", None, fake_hub.url) == "unresolved"
+    assert revision_signature("org/data", "v1.2", fake_hub.url) == "v1.2"
+    assert fake_hub.requests == []
+
+    def signature(revision):
+        source = {"name": "hub", "kind": "hf", "dataset": "org/data", **({"revision": revision} if revision else {})}
+        return external_inputs(IngestConfig.model_validate({"sources": [source]}))
+
+    assert signature(None) == {"hub": {"revision": "unresolved"}}
+    assert signature("v1.2") == {"hub": {"revision": "v1.2"}}
+    fingerprints = {fingerprint("ingest", "2", {}, {}, signature(pin)) for pin in ("v1.2", "v1.3", None)}
+    assert len(fingerprints) == 3
+
+
+def test_a_hub_that_never_answers_costs_the_deadline_not_a_hang(fake_hub):
+    import socket
+    import time
+
+    from tasks.ingest.hub import revision_signature
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()                                                 # accepts connections, never answers
+    try:
+        started = time.monotonic()
+        found = revision_signature("org/data", "v9", f"http://127.0.0.1:{silent.getsockname()[1]}", deadline_s=0.5)
+        assert found == "v9" and time.monotonic() - started < 2
+    finally:
+        silent.close()
+
+
+def test_an_unknown_hub_dataset_is_unresolved(fake_hub):
+    from tasks.ingest.hub import revision_signature
+
+    assert revision_signature("org/nope", None, fake_hub.url) == "unresolved"
+
+
+def transient_then(rows: list[dict], failures: list[BaseException]):
+    """A `load_dataset` stand-in that raises each of `failures` once, then streams `rows`; it counts its calls."""
+    calls = []
+
+    def load(dataset, subset, split, streaming, revision):
+        calls.append((dataset, subset, split, streaming, revision))
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
+        return iter(rows)
+
+    return load, calls
+
+
+def http_error(status: int) -> BaseException:
+    import httpx
+
+    request = httpx.Request("GET", "https://huggingface.co/api/datasets/org/data")
+    return httpx.HTTPStatusError(f"{status}", request=request, response=httpx.Response(status, request=request))
+
+
+def hf_source(**fields):
+    from tasks.ingest.config import HfSource
+
+    return HfSource(name="hub", kind="hf", dataset="org/data", **fields)
+
+
+def test_opening_a_hub_stream_is_retried_after_transient_failures_with_growing_pauses():
+    from tasks.ingest.readers import open_hf_stream
+
+    rows = [{"id": 1, "text": "one"}, {"id": 2, "text": "two"}]
+    failures = [ConnectionResetError("peer reset"), http_error(503)]
+    load, calls = transient_then(rows, failures)
+    pauses: list[float] = []
+    assert list(open_hf_stream(hf_source(revision="v1"), "v1", load, sleep=pauses.append)) == rows
+    assert pauses == [2.0, 4.0] and len(calls) == 3
+    assert calls[-1] == ("org/data", None, "train", True, "v1")
+
+
+@pytest.mark.parametrize("error", [ValueError("BuilderConfig 'xx' not found"), FileNotFoundError("no such dataset"),
+                                   http_error(404), http_error(401)], ids=["config", "missing", "404", "401"])
+def test_a_deterministic_failure_is_not_retried(error):
+    from tasks.ingest.readers import open_hf_stream
+
+    load, calls = transient_then([], [error])
+    pauses: list[float] = []
+    with pytest.raises(StageError, match=r"source 'hub': cannot stream hub dataset 'org/data' revision default "
+                                         r"\(offline"):
+        open_hf_stream(hf_source(), None, load, sleep=pauses.append)
+    assert len(calls) == 1 and pauses == []
+
+
+def test_offline_mode_is_not_retried_though_it_is_a_connection_error():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from tasks.ingest.hub import is_transient, with_retries
+
+    assert isinstance(OfflineModeIsEnabled("offline"), ConnectionError)
+    assert not is_transient(OfflineModeIsEnabled("offline"))
+    assert is_transient(RuntimeError("wrapped")) is False
+    wrapped = RuntimeError("datasets wrapped it")
+    wrapped.__cause__ = TimeoutError("read timed out")
+    assert is_transient(wrapped)                                    # the cause chain is searched
+    calls: list[str] = []
+
+    def open_offline() -> None:
+        calls.append("open")
+        raise OfflineModeIsEnabled("offline mode is enabled")
+
+    with pytest.raises(OfflineModeIsEnabled):
+        with_retries(open_offline, "test", sleep=lambda pause: calls.append("sleep"))
+    assert calls == ["open"]
+
+
+def test_transient_failures_give_up_after_the_last_try_naming_the_tries():
+    from tasks.ingest.readers import open_hf_stream
+
+    load, calls = transient_then([], [TimeoutError("slow")] * 10)
+    pauses: list[float] = []
+    with pytest.raises(StageError, match=r"revision v2 \(after 4 tries\).*slow"):
+        open_hf_stream(hf_source(), "v2", load, sleep=pauses.append)
+    assert len(calls) == 4 and pauses == [2.0, 4.0, 8.0]
+
+
+def test_an_hf_source_takes_a_pinned_revision_that_enters_its_config_fields():
+    assert hf_source(revision="v1").output_fields()["revision"] == "v1"
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="revision"):
+        hf_source(revision="")

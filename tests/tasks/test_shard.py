@@ -483,3 +483,19 @@ def test_weights_enter_the_fingerprint_as_shares():
     assert fields(mixture={"a": 1, "b": 3})["mixture"] == {"a": 0.25, "b": 0.75}
     assert fields(mixture={"a": 1, "b": 2}) != fields(mixture={"a": 1, "b": 3})
     assert fields(mixture={"a": 1}, mixture_tokens=10) != fields(mixture={"a": 1})
+
+
+def test_the_pipeline_seed_enters_the_planned_shard_fingerprint_only_with_a_mixture(tmp_path):
+    from flows.plan import make_plan
+    from flows.recipe import PipelineConfig
+    from storage.workspace import Workspace
+
+    def shard_fingerprint(seed: int, **shard) -> str:
+        ingest = {"sources": [{"name": "w", "kind": "wiki_offline"}]}
+        config = PipelineConfig.model_validate({"seed": seed, "ingest": ingest, "tokenizer": {"vocab_size": 300},
+                                                "shard": shard})
+        return {stage.name: stage.fingerprint for stage in make_plan(config, Workspace(tmp_path))}["shard"]
+
+    assert shard_fingerprint(1) == shard_fingerprint(2)
+    assert shard_fingerprint(1, mixture={"w": 1}) != shard_fingerprint(2, mixture={"w": 1})
+    assert shard_fingerprint(1, mixture={"w": 1}) != shard_fingerprint(1)

@@ -80,22 +80,55 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/d
 
 
 def _run_pipeline(config, workspace: Path | None, only, until, force, verbose: bool = False) -> None:
-    from flows.pipeline import StageSelectionError, pipeline
-    from storage.stage import StageError
     from storage.workspace import resolve_workspace
 
-    _sigterm_to_exit()
-    if not verbose:
-        _quiet_user_errors()
     ws = resolve_workspace(workspace)
+    _attach_ui(ws)                      # before Prefect is imported: it reads PREFECT_API_URL once
+    from flows.pipeline import StageSelectionError, pipeline
+    from storage.stage import StageError
+
+    _open_terminal(verbose)
     try:
         outcomes = pipeline(config=config, workspace=str(ws), only=only, until=until, force=force)
     except (StageSelectionError, StageError) as err:
         _fail(str(err), code=1)
+    _closing_summary(ws, outcomes, config.experiment)
+
+
+def _attach_ui(ws: Path) -> None:
+    """Report to the Prefect server of a `lmforge ui` running for this workspace, if there is one."""
+    from flows.ui import attach
+
+    url = attach(ws)
+    if url:
+        typer.echo(f"Prefect: {url} (runs appear in its UI)")
+
+
+def _open_terminal(verbose: bool) -> None:
+    """One live line per stage (their output into log files), unless -v streams everything."""
+    import logging
+
+    from flows import terminal
+
+    _sigterm_to_exit()
+    if not verbose:
+        _quiet_user_errors()
+        logging.getLogger("mlflow").setLevel(logging.WARNING)     # "creating database tables..." and the like
+    terminal.activate(terminal.Terminal(verbose))
+
+
+def _closing_summary(ws: Path, outcomes: list[dict], experiment: str) -> None:
+    """Where everything landed, and where to look next."""
     typer.echo(f"\nworkspace: {ws}")
     for item in outcomes:
         typer.echo(f"  {item['stage']:<10} {item['fingerprint']}  {'cached' if item['cached'] else 'built ':<7} "
                    f"{item['output_dir']}")
+    if outcomes:
+        run_id, mlflow_run = outcomes[0]["run_id"], outcomes[0]["mlflow_run_id"]
+        typer.echo(f"\nlogs:    {ws / 'logs' / run_id}/<stage>.log")
+        typer.echo(f"catalog: lmforge catalog \"select stage, cached, wall_s from stage_runs where run_id = "
+                   f"'{run_id}'\" -w {ws}")
+        typer.echo(f"UIs:     lmforge ui -w {ws}   (MLflow experiment {experiment!r}, run {mlflow_run})")
 
 
 @app.command()
@@ -146,9 +179,8 @@ def ablate(grid: Annotated[Path, typer.Argument(help="ablation grid, e.g. config
         spec = load_grid(grid)
     except RecipeError as err:
         _fail(str(err))
-    _sigterm_to_exit()
-    if not verbose:
-        _quiet_user_errors()
+    _attach_ui(resolve_workspace(workspace))
+    _open_terminal(verbose)
     from flows.ablate import ablation
     from flows.compare import compare_grid
     from storage.workspace import Workspace
@@ -158,6 +190,8 @@ def ablate(grid: Annotated[Path, typer.Argument(help="ablation grid, e.g. config
     except (StageError, RecipeError) as err:
         _fail(str(err), code=1)
     typer.echo(render(compare_grid(Workspace(resolve_workspace(workspace)), spec.name), "table"))
+    typer.echo(f"\nagain any time: lmforge compare {spec.name} [--format markdown|csv|json]; the MLflow runs are "
+               f"tagged lmforge.ablation={spec.name} (lmforge ui)")
 
 
 @app.command()
@@ -179,6 +213,27 @@ def compare(grid: Annotated[str, typer.Argument(help="the grid's name (its `name
         _fail(str(err), code=1)
     write_parquet(ws, table)
     typer.echo(render(table, fmt))
+
+
+@app.command()
+def serve(files: Annotated[list[Path], typer.Argument(help="recipes (a `schedule:` makes them cron jobs) and grids")],
+          workspace: WorkspaceOpt = None) -> None:
+    """Serve Prefect deployments of recipes and grids: scheduled runs, and runs started from the Prefect UI."""
+    from flows.recipe import RecipeError
+    from storage.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    _attach_ui(ws.root)
+    from flows.serve import deployments, serve_deployments
+
+    try:
+        made = deployments(files, ws.root)
+    except RecipeError as err:
+        _fail(str(err))
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in made)
+    typer.echo(f"serving {len(made)} deployments ({names}) for workspace {ws.root}; Ctrl-C stops serving, "
+               "schedules stay active")
+    serve_deployments(made)
 
 
 @app.command()

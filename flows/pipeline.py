@@ -1,9 +1,11 @@
 """The Prefect flow: plan the stages, run each as a cached task, record the run in the catalog and MLflow."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from prefect import flow, task
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
+from flows import terminal
 from flows.plan import PlannedStage, enabled_stages, is_fresh, make_plan
 from flows.recipe import PipelineConfig
 from flows.runner import RunInfo, execute_stage, metric_safe, record_cached_stage
@@ -94,14 +97,33 @@ def _run_stages(config: PipelineConfig, ws: Workspace, selected: list[str], forc
         if planned.borrowed_from and not ws.is_done(planned.name, planned.fingerprint):
             build_borrowed(planned, ws)
         planned.input_digests = _upstream_digests(planned, ws)
-        result = stage_task.with_options(result_storage=storage)(
-            planned.name, planned.fingerprint, str(ws.root), planned.input_digests, planned.name in force, planned, info)
-        if result["executed_in"] != info.run_id or result["cached"]:
-            record_cached_stage(planned, info)
-            result = {**result, "cached": True}
-        print(f"{planned.name:<10} {planned.fingerprint}  {'cached' if result['cached'] else 'built'}")
-        outcomes.append(result)
+        with stage_view(planned, info) as line:
+            result = stage_task.with_options(result_storage=storage)(
+                planned.name, planned.fingerprint, str(ws.root), planned.input_digests, planned.name in force,
+                planned, info)
+            if result["executed_in"] != info.run_id or result["cached"]:
+                record_cached_stage(planned, info)
+                result = {**result, "cached": True}
+            line.cached = result["cached"]
+            line.headline = STAGES[planned.name].headline_stats(ws.read_success(planned.name, planned.fingerprint)["stats"])
+        outcomes.append({**result, "run_id": info.run_id, "mlflow_run_id": info.parent_mlflow_run_id})
     return outcomes
+
+
+@contextlib.contextmanager
+def stage_view(planned: PlannedStage, info: RunInfo) -> Iterator[terminal.StageLine]:
+    """The CLI's live line for the stage (its output captured to a log file), or a plain printed line."""
+    view = terminal.active()
+    if view is not None:
+        log = info.workspace.root / "logs" / info.run_id / f"{planned.name}.log"
+        with view.stage(planned.name, planned.fingerprint, info.workspace.scratch_dir(planned.name,
+                                                                                     planned.fingerprint), log) as line:
+            yield line
+        return
+    line = terminal.StageLine(planned.name, planned.fingerprint)
+    yield line
+    print(f"{planned.name:<10} {planned.fingerprint}  {'cached' if line.cached else 'built'}  "
+          f"{terminal.headline_text(line.headline)}")
 
 
 def build_borrowed(planned: PlannedStage, ws: Workspace) -> None:

@@ -1,6 +1,8 @@
 """`lmforge ui` starts the Prefect server and the MLflow UI on 127.0.0.1."""
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -31,7 +33,20 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 150) -> bytes:
     raise AssertionError(f"{url} did not answer in {timeout} s")
 
 
-def test_ui_serves_prefect_and_mlflow_on_loopback(tmp_path):
+def run_without_prefect_env(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def flow_run_names(api_url: str) -> list[str]:
+    request = urllib.request.Request(f"{api_url}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [run["name"] for run in json.loads(response.read())]
+
+
+def test_ui_serves_prefect_and_mlflow_on_loopback(tmp_path, shared_data):
     prefect_port, mlflow_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "-w", str(tmp_path / "ws"),
                              "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
@@ -44,8 +59,17 @@ def test_ui_serves_prefect_and_mlflow_on_loopback(tmp_path):
         for port in (prefect_port, mlflow_port):
             binds = [addr.ip for addr in listening if addr.port == port]
             assert binds and set(binds) == {"127.0.0.1"}, binds
+        # a run in the same workspace reports to this server without PREFECT_API_URL being set
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(json.dumps({"name": "attached", "ingest": {"sources": [
+            {"name": "d", "kind": "jsonl", "paths": [str(shared_data / "raw/dolma_ccnet_cc_en_head-0091.jsonl")]}]}}))
+        out = run_without_prefect_env(["run", str(recipe), "-w", str(tmp_path / "ws")])
+        assert out.returncode == 0, out.stderr[-2000:]
+        api = f"http://127.0.0.1:{prefect_port}/api"
+        assert f"Prefect: {api}" in out.stdout and "attached" in flow_run_names(api)
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
     assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in output
     assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}" in output
+    assert not (tmp_path / "ws" / "ui.json").exists()          # gone with the servers: later runs do not wait for it

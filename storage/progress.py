@@ -1,0 +1,43 @@
+"""Progress a running stage reports, for the terminal: `progress.json` in its scratch directory.
+
+A stage (or one of its worker processes) calls `report(dir, done, total, unit)` now and then, with
+`dir` its `ctx.scratch` or a folder directly below it; the terminal reads the newest such file. The
+write is atomic and throttled, so reporting every item costs nothing measurable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+PROGRESS_FILE = "progress.json"
+MIN_INTERVAL_S = 0.5
+_last_write: dict[Path, float] = {}
+
+
+def report(directory: Path | str, done: float, total: float | None = None, unit: str = "item",
+           force: bool = False) -> None:
+    """Records `done` of `total` (None: unknown) `unit`s; at most one write per half second unless `force`."""
+    path = Path(directory) / PROGRESS_FILE
+    now = time.monotonic()
+    if not force and now - _last_write.get(path, -MIN_INTERVAL_S) < MIN_INTERVAL_S:
+        return
+    _last_write[path] = now
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{PROGRESS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"done": done, "total": total, "unit": unit, "time": time.time()}))
+    os.replace(tmp, path)
+
+
+def latest(scratch: Path | str) -> dict[str, Any] | None:
+    """The newest progress report in `scratch` or a folder directly below it, if any."""
+    scratch = Path(scratch)
+    found = [p for p in (scratch / PROGRESS_FILE, *scratch.glob(f"*/{PROGRESS_FILE}")) if p.is_file()]
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue          # replaced while we read it: the next poll gets the new one
+    return None

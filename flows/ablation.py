@@ -150,7 +150,9 @@ def format_grid_plan(rows: list[GridPlanRow]) -> str:
     """A plain table: variant, stage, fingerprint, status, shared with."""
     lines = [f"{'variant':<28} {'stage':<10} {'fingerprint':<13} {'status':<8} shared with"]
     for row in rows:
-        shared = ", ".join(row.shared_with) if row.shared_with else "-"
+        shared = ", ".join(row.shared_with[:3]) if row.shared_with else "-"
+        if len(row.shared_with) > 3:
+            shared += f" (+{len(row.shared_with) - 3} more)"
         lines.append(f"{row.variant:<28} {row.stage:<10} {row.fingerprint:<13} {row.status:<8} {shared}")
     distinct = len({(r.stage, r.fingerprint) for r in rows})
     lines.append(f"({len(rows)} stage runs, {distinct} distinct outputs)")

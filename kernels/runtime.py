@@ -3,8 +3,9 @@
 With `TRITON_INTERPRET=1` Triton runs a kernel's Python body on NumPy arrays instead of compiling
 it: slow, but the very same kernel code, on CPU tensors. That is how the tests (and anyone without a
 GPU) check the kernels. Triton reads that variable when a function is decorated, so `Kernel`
-decorates lazily, once per mode, and nothing imports `triton` until a kernel is about to run:
-`import kernels` works where Triton is not installed (it is an optional dependency).
+decorates lazily, once per mode, and Triton's own helpers follow the launch's mode too (see
+`language_in_mode`): the variable can be set and unset at any time, e.g. per test. Nothing imports
+`triton` until a kernel is about to run: `import kernels` works where Triton is not installed.
 """
 from __future__ import annotations
 
@@ -104,8 +105,6 @@ def language_in_mode(interpret: bool) -> Iterator[None]:
 
 def _find_swaps(interpret: bool) -> list[tuple[Any, str, Any, Any]]:
     """(module, name, the helper as imported, its counterpart) for every helper decorated for the other mode."""
-    import importlib
-
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 

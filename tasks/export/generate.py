@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -94,18 +94,33 @@ class Generator:
         """The prompt's continuation; with `out`, each piece of text is written (and flushed) as it comes."""
         eot = self.model.spec.special_tokens.get(EOT)
         ids = self.encoding.encode_ordinary(prompt) or [eot]      # an empty prompt starts a new document
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pieces, n_tokens, stop = [], 0, "length"
-        for token in stream_ids(self.model, ids, self.sampling, self.generator):
-            if token == eot:
-                stop = "eot"
-                break
-            n_tokens += 1
-            pieces.append(decoder.decode(self.encoding.decode_single_token_bytes(token)))
-            _emit(out, pieces[-1])
-        pieces.append(decoder.decode(b"", final=True))
-        _emit(out, pieces[-1])
-        return Completion(prompt, "".join(pieces), n_tokens, stop)
+        generated: list[int] = []
+
+        def until_eot() -> Iterator[int]:
+            for token in stream_ids(self.model, ids, self.sampling, self.generator):
+                if token == eot:
+                    return
+                generated.append(token)
+                yield token
+
+        pieces = []
+        for piece in decode_stream(self.encoding, until_eot()):
+            pieces.append(piece)
+            _emit(out, piece)
+        stop = "eot" if len(generated) < self.sampling.max_new_tokens else "length"
+        return Completion(prompt, "".join(pieces), len(generated), stop)
+
+
+def decode_stream(encoding: tiktoken.Encoding, ids: Iterable[int]) -> Iterator[str]:
+    """Text as ids arrive; a character whose UTF-8 bytes span several tokens comes out whole, once complete."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in ids:
+        piece = decoder.decode(encoding.decode_single_token_bytes(token))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 def _emit(out: TextIO | None, piece: str) -> None:

@@ -12,6 +12,7 @@ from pydantic import create_model
 
 import tasks.curate
 import tasks.dedup
+import tasks.evaluate
 import tasks.ingest
 import tasks.pretrain
 import tasks.shard
@@ -26,6 +27,7 @@ REGISTRY: tuple[Stage, ...] = (
     tasks.tokenizer.STAGE,
     tasks.shard.STAGE,
     tasks.pretrain.STAGE,
+    tasks.evaluate.STAGE,
 )
 STAGES: dict[str, Stage] = {stage.name: stage for stage in REGISTRY}
 PIPELINE_ORDER: list[str] = [stage.name for stage in REGISTRY]

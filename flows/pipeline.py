@@ -79,6 +79,7 @@ def pipeline(config: PipelineConfig, workspace: str = "./workspace", only: list[
     try:
         outcomes = _run_stages(config, ws, selected, set(force or []), info)
         log_headlines(info, outcomes)
+        publish_run_links(info, config)
     except BaseException as err:
         finish_pipeline_run(info, "failed" if isinstance(err, Exception) else "killed")
         raise
@@ -195,6 +196,22 @@ def log_headlines(info: RunInfo, outcomes: list[dict[str, Any]]) -> None:
         metrics.update({f"{outcome['stage']}/{name}": value
                         for name, value in STAGES[outcome["stage"]].headline_stats(stats).items()})
     info.tracker.log_metrics(info.parent_mlflow_run_id, metric_safe(metrics))
+
+
+def publish_run_links(info: RunInfo, config: PipelineConfig) -> None:
+    """A Prefect markdown artifact linking this run's MLflow runs (the UI `lmforge ui` serves)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.ui import mlflow_ui_url
+
+    base = f"{mlflow_ui_url(info.workspace.root)}/#/experiments/{info.tracker.experiment_id}/runs"
+    children = info.tracker.client.search_runs([info.tracker.experiment_id],
+                                               f"tags.mlflow.parentRunId = '{info.parent_mlflow_run_id}'")
+    lines = [f"# {config.name}: MLflow runs", "", f"- pipeline run: [{info.parent_mlflow_run_id}]"
+             f"({base}/{info.parent_mlflow_run_id})"]
+    lines += [f"- {run.data.tags.get('lmforge.stage', run.info.run_name)}: [{run.info.run_id}]({base}/{run.info.run_id})"
+              for run in children]
+    create_markdown_artifact("\n".join(lines), key="mlflow-runs", description=f"{config.name}: links to MLflow")
 
 
 def finish_pipeline_run(info: RunInfo, status: str) -> None:

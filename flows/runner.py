@@ -121,6 +121,7 @@ def _finish_stage_records(stage: PlannedStage, info: RunInfo, mlflow_run_id: str
     info.tracker.log_metrics(mlflow_run_id, {**metric_safe(result.stats), "wall_s": wall_s})
     info.tracker.end_run(mlflow_run_id, "FINISHED")
     publish_stats_artifact(stage.name, stage.fingerprint, result.stats)
+    publish_training_artifact(stage.name, stage.fingerprint, info.workspace.stage_dir(stage.name, stage.fingerprint))
 
 
 def _fail_stage_records(stage: PlannedStage, info: RunInfo, mlflow_run_id: str, err: BaseException,
@@ -165,6 +166,28 @@ def publish_stats_artifact(stage: str, fingerprint: str, stats: dict[str, float]
         return
     rows = [{"counter": name, "value": value} for name, value in sorted(stats.items())]
     create_table_artifact(rows, key=f"{stage}-stats", description=f"{stage} {fingerprint}: counters and funnel")
+
+
+TRAINING_LOG, TRAINING_ROWS = "metrics.jsonl", 200
+TRAINING_COLUMNS = ("step", "loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_s", "epochs")
+
+
+def publish_training_artifact(stage: str, fingerprint: str, output: Path) -> None:
+    """A stage that trained (its output has `metrics.jsonl`): its curve as a Prefect table artifact."""
+    import json
+
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import TaskRunContext
+
+    log = output / TRAINING_LOG
+    if TaskRunContext.get() is None or not log.is_file():
+        return
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    every = max(1, -(-len(rows) // TRAINING_ROWS))          # at most ~200 rows, the last one always kept
+    kept = [row for i, row in enumerate(rows) if i % every == 0 or i == len(rows) - 1]
+    table = [{key: row[key] for key in TRAINING_COLUMNS if key in row} for row in kept]
+    if table:
+        create_table_artifact(table, key=f"{stage}-training", description=f"{stage} {fingerprint}: training progress")
 
 
 def _log_dataset_inputs(stage: PlannedStage, info: RunInfo, mlflow_run_id: str) -> None:

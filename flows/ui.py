@@ -66,6 +66,14 @@ def attached_prefect_api(ws_root: Path, timeout_s: float = 1.0) -> str | None:
         return None
 
 
+def mlflow_ui_url(ws_root: Path) -> str:
+    """Where the MLflow UI of this workspace is (or will be, with `lmforge ui`'s default port)."""
+    try:
+        return json.loads((ws_root / UI_FILE).read_text())["mlflow_url"]
+    except (OSError, ValueError, KeyError):
+        return "http://127.0.0.1:5000"
+
+
 def attach(ws_root: Path) -> str | None:
     """Points Prefect at the workspace's running UI server, unless `PREFECT_API_URL` already says where."""
     if os.environ.get("PREFECT_API_URL"):

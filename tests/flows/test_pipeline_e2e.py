@@ -78,15 +78,24 @@ def test_mlflow_shows_nested_stage_runs_and_the_loss_curve(built):
     assert {a.path for a in client.list_artifacts(pretrain.info.run_id)} >= {"model", "samples.txt"}
 
 
-def test_curate_funnel_is_a_prefect_table_artifact(built):
+def read_artifact(key: str) -> tuple[str, object]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-stats"])))
-    assert artifacts and artifacts[0].type == "table"
-    table = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
-    assert any(row["counter"].startswith("funnel/") for row in table)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert artifacts, f"no Prefect artifact {key!r}"
+    data = artifacts[0].data
+    return artifacts[0].type, json.loads(data) if artifacts[0].type == "table" and isinstance(data, str) else data
+
+
+def test_the_run_publishes_prefect_artifacts(built):
+    kind, funnel = read_artifact("curate-stats")
+    assert kind == "table" and any(row["counter"].startswith("funnel/") for row in funnel)
+    kind, training = read_artifact("pretrain-training")
+    assert kind == "table" and training[-1]["step"] == 12 and "val_loss" in training[-1]
+    kind, links = read_artifact("mlflow-runs")
+    assert kind == "markdown" and "- pretrain: [" in links and "/#/experiments/" in links
 
 
 def test_a_recipe_switch_trains_bert_on_the_same_shards(recipe, built, cli):

@@ -13,6 +13,7 @@ VERSION = "1"
 # The seed always matters: it draws the initial weights, the data order and the dropout masks.
 STAGE = Stage(name="pretrain", version=VERSION, config=PretrainConfig, run=deferred("tasks.pretrain.stage:run"),
               reads=("shard", "tokenizer"), seed_matters=always,
-              headline=("final_train_loss", "final_val_loss", "final_val_ppl", "tokens_trained", "epochs", "tokens_per_s"))
+              headline=("final_train_loss", "final_val_loss", "final_val_ppl", "tokens_trained", "epochs",
+                        "tokens_per_s"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "PretrainConfig", "run"]

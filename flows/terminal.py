@@ -135,22 +135,26 @@ class Terminal:
 
 @contextlib.contextmanager
 def redirected_output(fd: int) -> Iterator[None]:
-    """Points this process's stdout and stderr (file descriptors 1 and 2) at `fd`, then back.
+    """Points this process's stdout and stderr at `fd`, then back.
 
-    At the descriptor level, so subprocesses (torchrun, datatrove workers) and C libraries write
-    there too; the terminal keeps its own copy of the original stdout.
+    At the descriptor level (1 and 2), so subprocesses (torchrun, datatrove workers) and C libraries
+    write there too, and at the Python level (`sys.stdout`, `sys.stderr`) for writers that hold their
+    own stream. The terminal keeps its own copy of the original stdout.
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
+    saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    stream = os.fdopen(os.dup(fd), "w", buffering=1, errors="replace")
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout = sys.stderr = stream
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
+        stream.flush()
+        sys.stdout, sys.stderr = saved_streams
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for copy in saved_fds:
+            os.close(copy)
+        stream.close()

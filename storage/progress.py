@@ -1,7 +1,8 @@
 """Progress a running stage reports, for the terminal: `progress.json` in its scratch directory.
 
 A stage (or one of its worker processes) calls `report(dir, done, total, unit)` now and then, with
-`dir` its `ctx.scratch` or a folder directly below it; the terminal reads the newest such file. The
+`dir` its `ctx.scratch` or a folder at most two levels below it (the training loop reports into its
+run directory); the terminal reads the newest such file. The
 write is atomic and throttled, so reporting every item costs nothing measurable.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ def report(directory: Path | str, done: float, total: float | None = None, unit:
 
 
 def latest(scratch: Path | str) -> dict[str, Any] | None:
-    """The newest progress report in `scratch` or a folder directly below it, if any."""
+    """The newest progress report in `scratch` or a folder at most two levels below it, if any."""
     scratch = Path(scratch)
-    found = [p for p in (scratch / PROGRESS_FILE, *scratch.glob(f"*/{PROGRESS_FILE}")) if p.is_file()]
+    candidates = (scratch / PROGRESS_FILE, *scratch.glob(f"*/{PROGRESS_FILE}"), *scratch.glob(f"*/*/{PROGRESS_FILE}"))
+    found = [p for p in candidates if p.is_file()]
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             return json.loads(path.read_text())

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from storage import progress
 from tasks.models import count_params, flops_per_token
 from tasks.models.files import CONFIG_FILE, MODEL_FILE
 from tasks.training import checkpoint
@@ -259,6 +260,8 @@ class Trainer:
             self.interval = Throughput()
             rate = self.rate.tokens_per_s()
             self.summary.update(tokens_per_s=rate, data_wait_share=self.rate.wait_share(), **self._mfu(rate))
+        if self.env.is_main:
+            progress.report(self.run_dir, step, self.cfg.max_steps, "step", force=last)
         if last or (self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0):
             self._checkpoint(step)
 

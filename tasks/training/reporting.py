@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
-MLFLOW_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")      # plus every val_* metric
+MLFLOW_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "epochs")      # plus every val_* metric
 
 
 class MetricsLog:

@@ -111,13 +111,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_epochs_count_the_training_tokens_both_ranks_read(reference, corpus: tuple[Path, Path]) -> None:
+def test_epochs_count_the_training_tokens_both_ranks_read(reference, corpus: tuple[Path, Path],
+                                                          mlflow_run: tuple[str, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
     ctx, result = reference
     stats, available = result.stats, read_manifest(corpus[0]).tokens_train
     assert stats["epochs"] == stats["train_tokens_read"] / available
     # a window of seq_len + 1 stream tokens trains seq_len positions; some stream tokens are separators
     assert 0.9 * stats["tokens_trained"] < stats["train_tokens_read"] < stats["tokens_trained"] * 65 / 64
-    assert sf.read_metrics(ctx.output / "metrics.jsonl")[-1]["epochs"] == stats["epochs"]
+    epochs = [m["epochs"] for m in sf.read_metrics(ctx.output / "metrics.jsonl")]
+    assert epochs[-1] == stats["epochs"]
+    history = sorted(MlflowClient(mlflow_run[0]).get_metric_history(mlflow_run[1], "epochs"), key=lambda m: m.step)
+    assert [m.value for m in history] == epochs
 
 
 def test_two_node_launch_agrees_with_the_one_node_run(tmp_path: Path, corpus: tuple[Path, Path], reference) -> None:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 UNRESOLVED = "unresolved"
 COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 RESOLVE_DEADLINE_S = 5.0         # `lmforge plan` waits at most this long per source for the hub
 REMEMBER_S = 60.0
 RETRY_ATTEMPTS = 4               # the first try and three retries
@@ -45,7 +45,7 @@ _remembered: dict[tuple[str, str | None, str | None], tuple[float, str]] = {}
 
 
 def offline() -> bool:
-    """`HF_HUB_OFFLINE` or `HF_DATASETS_OFFLINE` set to a true value: no request is made."""
+    """`HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE` or `TRANSFORMERS_OFFLINE` set to a true value: no request is made."""
     return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_VARIABLES)
 
 

@@ -345,8 +345,12 @@ class FakeHub:
 def fake_hub(monkeypatch):
     from tasks.ingest import hub
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    import huggingface_hub.constants
+
+    for name in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; it may have been imported offline already.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     hub.forget_resolved()
     server = FakeHub()
     yield server

@@ -147,7 +147,7 @@ class Scorer:
         Prompts are cut from the left so that prompt and continuation fit one window (the harness's
         `generate_until` does the same); equal lengths need no padding, so batching changes nothing.
         """
-        keep = self.spec.seq_len - max_new_tokens
+        keep = max(1, self.spec.seq_len - max_new_tokens)
         prompts = [prompt[-keep:] for prompt in prompts]
         out: list[list[int] | None] = [None] * len(prompts)
         rows = max(1, self.batch_tokens // self.spec.seq_len)

@@ -71,7 +71,8 @@ def _sentence(path: Path, number: int, block: list[tuple[int, list[str]]], on_ba
             report(on_bad, path, line_no, "bad_tag", f"tag {fields[-1]!r} is not O, B-TYPE or I-TYPE; "
                    f"sentence {number} skipped")
             return None
-    return TaggedSentence(str(number), block[0][0], tuple(f[0] for f in block), tuple(f[-1] for f in block))
+    return TaggedSentence(str(number), block[0][0], tuple(fields[0] for _, fields in block),
+                          tuple(fields[-1] for _, fields in block))
 
 
 def tag_scheme(sentences: list[TaggedSentence]) -> str:

@@ -4,7 +4,9 @@
   labels positive/negative/neutral. The release has one line without `@` (a stray `1` in
   `Sentences_AllAgree.txt`): reported and skipped, never fatal.
 - FOMC (Shah et al. 2023, "Trillion Dollar Words"): CSV `index,sentence,year,label` with label
-  0 dovish, 1 hawkish, 2 neutral; `group` is the year, for the sentiment index per year.
+  0 dovish, 1 hawkish, 2 neutral; `group` is the year, for the sentiment index per year. The `index`
+  column repeats within a file (it numbers rows of the sources it was combined from), so an
+  example's `id` is its line number.
 
 Bad rows (no separator, an unknown label, an empty sentence, a wrong column count) go to `on_bad`
 with the file and line, or raise `DatasetError` without it.
@@ -61,7 +63,7 @@ def read_phrasebank(path: Path | str, on_bad: OnBad = None) -> list[LabeledText]
 
 
 def read_fomc(path: Path | str, on_bad: OnBad = None) -> list[LabeledText]:
-    """Every labelled sentence of an FOMC CSV; `id` is its `index` column, `group` its year."""
+    """Every labelled sentence of an FOMC CSV; `id` is its line number, `group` its year."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -79,7 +81,7 @@ def _fomc_row(path: Path, line: int, row: list[str], on_bad: OnBad) -> LabeledTe
     if len(row) != len(FOMC_COLUMNS):
         report(on_bad, path, line, "wrong_column_count", f"expected {len(FOMC_COLUMNS)} columns, found {len(row)}")
         return None
-    index, sentence, year, label = (value.strip() for value in row)
+    _, sentence, year, label = (value.strip() for value in row)
     if label not in ("0", "1", "2"):
         report(on_bad, path, line, "unknown_label", f"label {label!r} is not 0 (dovish), 1 (hawkish) or 2 (neutral)")
     elif not sentence:
@@ -87,5 +89,5 @@ def _fomc_row(path: Path, line: int, row: list[str], on_bad: OnBad) -> LabeledTe
     elif not year.isdigit():
         report(on_bad, path, line, "bad_year", f"year {year!r} is not a year")
     else:
-        return LabeledText(index, sentence, FOMC_LABELS[int(label)], year)
+        return LabeledText(str(line), sentence, FOMC_LABELS[int(label)], year)
     return None

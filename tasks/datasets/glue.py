@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.datasets.badrows import BadRow, OnBad
 from tasks.datasets.base import DatasetError
 
 Label = int | str | float
@@ -91,13 +92,14 @@ def glue_task(path: Path | str, task: str | None = None) -> GlueTask:
     return GLUE_TASKS[key]
 
 
-def read_glue(path: Path | str, task: str | None = None) -> list[GlueExample]:
+def read_glue(path: Path | str, task: str | None = None, on_bad: OnBad = None) -> list[GlueExample]:
     """Every example of a GLUE TSV file; see `iter_glue`."""
-    return list(iter_glue(path, task))
+    return list(iter_glue(path, task, on_bad))
 
 
-def iter_glue(path: Path | str, task: str | None = None) -> Iterator[GlueExample]:
-    """Streams a GLUE TSV as examples; a malformed row raises DatasetError naming the file and line."""
+def iter_glue(path: Path | str, task: str | None = None, on_bad: OnBad = None) -> Iterator[GlueExample]:
+    """Streams a GLUE TSV as examples; a malformed row raises DatasetError naming the file and line,
+    or, given `on_bad`, is handed to it (reason wrong_column_count or unknown_label) and skipped."""
     path = Path(path)
     spec = glue_task(path, task)
     if not path.is_file():
@@ -105,12 +107,12 @@ def iter_glue(path: Path | str, task: str | None = None) -> Iterator[GlueExample
     csv.field_size_limit(sys.maxsize)
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            yield from _examples(path, spec, csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+            yield from _examples(path, spec, csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), on_bad)
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 ({err})") from None
 
 
-def _examples(path: Path, spec: GlueTask, rows: Iterator[list[str]]) -> Iterator[GlueExample]:
+def _examples(path: Path, spec: GlueTask, rows: Iterator[list[str]], on_bad: OnBad = None) -> Iterator[GlueExample]:
     first = next(rows, None)
     if first is None:
         raise DatasetError(f"{path}: empty file (expected a GLUE {spec.name} TSV)")
@@ -120,7 +122,15 @@ def _examples(path: Path, spec: GlueTask, rows: Iterator[list[str]]) -> Iterator
     number = 1 if columns.headerless else 0
     for row in rows:
         if row:   # a blank line is not an example
-            yield _example(path, rows.line_num, spec, columns, row, number)
+            try:
+                example = _example(path, rows.line_num, spec, columns, row, number)
+            except DatasetError as err:
+                if on_bad is None:
+                    raise
+                reason = "wrong_column_count" if len(row) != columns.width else "unknown_label"
+                on_bad(BadRow(str(path), rows.line_num, reason, str(err)))
+            else:
+                yield example
             number += 1
 
 

@@ -1,0 +1,41 @@
+"""finetune: GLUE, SQuAD, NER, finance and the offline topic task, fine-tuned from a pretrained lmforge model.
+
+Declared here without importing torch. `tasks.finetune.stage.run` reads each task's files, encodes
+them for the model's family (BERT: `[CLS] A [SEP] B [SEP]`; GPT: GPT-1's input transformations),
+trains on the shared loop, predicts the evaluation set and scores it. Per task the output holds
+`<task>/metrics.json`, `<task>/predictions.jsonl`, the fine-tuned `<task>/model/` and, for SQuAD,
+the official `predictions.json` (+ `null_odds.json` for v2). See `tasks/finetune/stage.py`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from storage.fingerprint import file_signature
+from storage.stage import Stage, always, deferred
+from tasks.finetune.config import HUB_PREFIX, FinetuneConfig
+
+VERSION = "1"
+
+
+def data_file_signatures(config: FinetuneConfig) -> dict[str, Any]:
+    """[path, size, sha256] of every local data file (hub names as given): their content decides the scores."""
+    signatures: dict[str, Any] = {}
+    for task in config.tasks:
+        if task.kind == "wiki_topic":
+            from tasks.datasets.wiki_topic import summaries_path
+
+            try:
+                signatures[task.name] = [file_signature(summaries_path(task.language))]
+            except Exception as err:         # not installed: the stage run names it; the plan still works
+                signatures[task.name] = [f"unavailable: {err}"]
+            continue
+        signatures[task.name] = [path if path.startswith(HUB_PREFIX) else file_signature(path)
+                                 for path in task.data_paths()]
+    return {"data": signatures}
+
+
+# The seed always matters: it draws the head's initial weights, the data order and dropout.
+STAGE = Stage(name="finetune", version=VERSION, config=FinetuneConfig, run=deferred("tasks.finetune.stage:run"),
+              reads=("pretrain", "tokenizer"), seed_matters=always, external_inputs=data_file_signatures)
+run = STAGE.run
+__all__ = ["STAGE", "VERSION", "FinetuneConfig", "data_file_signatures", "run"]

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 PROGRESS_FILE = "progress.json"
 MIN_INTERVAL_S = 0.5
@@ -30,6 +33,17 @@ def report(directory: Path | str, done: float, total: float | None = None, unit:
     tmp = path.with_name(f".{PROGRESS_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"done": done, "total": total, "unit": unit, "time": time.time()}))
     os.replace(tmp, path)
+
+
+def counting(items: Iterable[T], directory: Path | str, unit: str, total: float | None = None,
+             size: Callable[[T], float] = lambda item: 1) -> Iterator[T]:
+    """Yields `items` unchanged, reporting how many `unit`s (`size` of each item) have passed."""
+    done: float = 0
+    for item in items:
+        yield item
+        done += size(item)
+        report(directory, done, total, unit)
+    report(directory, done, total, unit, force=True)
 
 
 def latest(scratch: Path | str) -> dict[str, Any] | None:

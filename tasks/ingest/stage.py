@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from storage import progress
 from storage.documents import Document, DocumentWriter
 from storage.sampling import keep
 from storage.stage import StageContext, StageError, StageResult
@@ -32,7 +33,7 @@ def run(config: IngestConfig, ctx: StageContext) -> StageResult:
     result = StageResult()
     for source in config.sources:
         with DocumentWriter(ctx.output / source.name, prefix="part") as writer:
-            written = _ingest_source(source, ctx.seed, writer, result)
+            written = _ingest_source(source, ctx.seed, writer, result, ctx.scratch)
         result.count(f"by_source/{source.name}/docs_out", written)
         if written == 0:
             problems = sorted({b["reason"] for b in result.bad_inputs if b.get("source") == source.name})
@@ -41,10 +42,11 @@ def run(config: IngestConfig, ctx: StageContext) -> StageResult:
     return result
 
 
-def _ingest_source(source: SourceBase, seed: int, writer: DocumentWriter, result: StageResult) -> int:
+def _ingest_source(source: SourceBase, seed: int, writer: DocumentWriter, result: StageResult,
+                   progress_dir: Path) -> int:
     """Streams one source into `writer`, applying its limits; returns the documents written."""
     written = 0
-    for item in _items(source, result):
+    for item in progress.counting(_items(source, result), progress_dir, f"{source.name} record"):
         if isinstance(item, Rejected):
             _reject(source, item, result)
             continue

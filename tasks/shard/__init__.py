@@ -18,6 +18,6 @@ def mixes(config: ShardConfig) -> bool:
 
 STAGE = Stage(name="shard", version=VERSION, config=ShardConfig, run=deferred("tasks.shard.stage:run"),
               reads=("documents", "tokenizer"), seed_matters=mixes, catalog_views={"token_shards": "shards/*.parquet"},
-              headline=("tokens_train", "tokens_val", "mixture/*"))
+              headline=("tokens_train", "tokens_val", "mixture/*/epochs"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "ShardConfig", "run"]

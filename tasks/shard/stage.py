@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 
+from storage import progress
+from storage.documents import count_documents
 from storage.formats import Mixture, ShardEntry, ShardManifest, SplitTokens
 from storage.sampling import unit_hash
 from storage.stage import StageContext, StageError, StageResult
@@ -265,7 +267,9 @@ def run(config: ShardConfig, ctx: StageContext) -> StageResult:
     dtype = token_dtype(vocab.vocab_size)
     writer = ShardWriter(Path(ctx.output), dtype, config.row_group_rows, config.target_shard_bytes)
     workers = config.workers or os.cpu_count() or 1
-    batches = encoded_batches(encoding, read_rows(files, ["id", "source", "text"]), config.batch_size, workers)
+    batches = progress.counting(encoded_batches(encoding, read_rows(files, ["id", "source", "text"]), config.batch_size,
+                                                workers), ctx.scratch, "doc", total=count_documents(files),
+                                size=lambda batch: len(batch[0]))
     if config.mixture is None:
         by_source, mixture = shard_documents(batches, writer, config, result), None
     else:

@@ -58,9 +58,10 @@ def test_the_grid_plan_shows_which_variants_share_each_output(grid: Path, tmp_pa
     assert all(r.status == "pending" for r in rows)
 
 
-def test_a_grid_runs_in_parallel_builds_each_output_once_and_compares(grid: Path, tmp_path: Path, cli) -> None:
+def test_a_grid_runs_in_parallel_builds_each_output_once_and_compares(grid: Path, tmp_path: Path, cli,
+                                                                     mlflow_server: str) -> None:
     ws = tmp_path / "ws"
-    out = cli(["ablate", str(grid), "-w", str(ws), "--max-parallel", "2"])
+    out = cli(["ablate", str(grid), "-w", str(ws), "--max-parallel", "2"], env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tiny: 3 variants" in out.stdout and "shard/tokens_train" in out.stdout
     built = catalog_rows(ws, "select stage, fingerprint, count(*) from stage_runs where not cached group by all")
@@ -73,11 +74,11 @@ def test_a_grid_runs_in_parallel_builds_each_output_once_and_compares(grid: Path
     assert (ws / "ablations/tiny/compare.parquet").is_file()
     markdown = cli(["compare", "tiny", "-w", str(ws), "--format", "markdown"]).stdout
     assert markdown.splitlines()[0] == "| metric | full | dolma5 | no_shard |"
-    assert_parent_runs_line_up(ws)
+    assert_parent_runs_line_up(mlflow_server)
 
 
-def assert_parent_runs_line_up(ws: Path) -> None:
-    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+def assert_parent_runs_line_up(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("lmforge").experiment_id
     parents = client.search_runs([experiment], filter_string="tags.`lmforge.ablation` = 'tiny'")
     by_variant = {r.data.tags["lmforge.variant"]: r for r in parents}
@@ -98,3 +99,33 @@ def test_compare_names_a_grid_that_never_ran(tmp_path: Path, cli) -> None:
     Catalog(ws / "catalog.duckdb")
     out = cli(["compare", "nothing", "-w", str(ws)])
     assert out.returncode == 1 and "no finished run of ablation grid 'nothing'" in out.stderr
+
+
+def test_a_grid_killed_midway_reruns_only_what_is_unfinished(grid: Path, tmp_path: Path, cli) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ablate", str(grid), "-w", str(ws)], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(ws.glob("stages/tokenizer/*/_SUCCESS.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)                       # mid-grid: some stages built, others not
+    proc.wait()
+    done_before = {p.parent for p in ws.glob("stages/*/*/_SUCCESS.json")}
+    assert done_before, "the grid was killed before it built anything"
+    again = cli(["ablate", str(grid), "-w", str(ws)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    built_twice = catalog_rows(ws, "select stage, fingerprint from stage_runs where not cached and status = 'finished' "
+                                   "group by all having count(*) > 1")
+    assert built_twice == []                                  # what the killed run finished was reused
+    assert catalog_rows(ws, "select count(*) from pipeline_runs where status = 'running'") == [(0,)]
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs} and "KILLED" in {r.info.status for r in runs}

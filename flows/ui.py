@@ -56,7 +56,7 @@ def serve_uis(ws: Workspace, host: str, prefect_port: int, mlflow_port: int) -> 
             proc.wait(timeout=30)
 
 
-def attached_prefect_api(ws_root: Path, timeout_s: float = 1.0) -> str | None:
+def attached_prefect_api(ws_root: Path, timeout_s: float = 3.0) -> str | None:
     """The Prefect API of a `lmforge ui` running for this workspace, if it answers right now."""
     try:
         url = json.loads((ws_root / UI_FILE).read_text())["prefect_api_url"]

@@ -13,6 +13,7 @@ from pydantic import create_model
 import tasks.curate
 import tasks.dedup
 import tasks.evaluate
+import tasks.finetune
 import tasks.ingest
 import tasks.pretrain
 import tasks.shard
@@ -27,6 +28,7 @@ REGISTRY: tuple[Stage, ...] = (
     tasks.tokenizer.STAGE,
     tasks.shard.STAGE,
     tasks.pretrain.STAGE,
+    tasks.finetune.STAGE,
     tasks.evaluate.STAGE,
 )
 STAGES: dict[str, Stage] = {stage.name: stage for stage in REGISTRY}

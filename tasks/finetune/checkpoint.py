@@ -39,20 +39,35 @@ def build_task_model(base: ModelSpec, head: HeadSpec, pretrained: Path | None, d
     if pretrained is None:
         model = build_model(spec)                          # the same architecture, initialised from the seed
     else:
-        model = pretrained_model(pretrained, base, spec, extra_rows)
+        new_ids = sorted(i for i in head.task_tokens.values() if i >= base.vocab_size)
+        model = pretrained_model(pretrained, base, spec, extra_rows, new_ids)
     return TaskModel(encoder_of(model), head, dropout)
 
 
-def pretrained_model(directory: Path, base: ModelSpec, spec: ModelSpec, extra_rows: int) -> nn.Module:
-    """The pretrain output's weights in a model of `spec` (new embedding rows drawn N(0, 0.02))."""
+def pretrained_model(directory: Path, base: ModelSpec, spec: ModelSpec, extra_rows: int,
+                     new_ids: list[int]) -> nn.Module:
+    """The pretrain output's weights in a model of `spec`: `extra_rows` more embedding rows, and the rows of
+    new task tokens (`new_ids`, past the vocabulary) set by `new_rows`."""
     weights = read_weights(model_directory(directory) / MODEL_FILE, "cpu")
-    if extra_rows:
+    if extra_rows or new_ids:
         table = weights[EMBEDDING]
-        weights[EMBEDDING] = torch.cat([table, torch.randn(extra_rows, table.shape[1]) * INIT_STD])
+        table = torch.cat([table, torch.zeros(extra_rows, table.shape[1], dtype=table.dtype)])
+        table[new_ids] = new_rows(table[: base.vocab_size], len(new_ids))
+        weights[EMBEDDING] = table
     with torch.device("meta"):
         model = build_model(spec)
     model.load_state_dict(weights, strict=True, assign=True)
     return model
+
+
+def new_rows(trained: torch.Tensor, count: int) -> torch.Tensor:
+    """Embedding rows for new tokens: the mean of the trained rows plus N(0, 0.02) noise.
+
+    A row drawn N(0, 0.02) is near zero beside trained rows (norm ~1 after pretraining), so a new
+    token would carry almost no content into attention; the mean puts it on their scale (as HF's
+    `resize_token_embeddings` does since 4.46), the noise keeps start, delim and extract apart.
+    """
+    return trained.mean(dim=0, keepdim=True) + torch.randn(count, trained.shape[1]) * INIT_STD
 
 
 def save_finetuned(directory: Path, model: TaskModel | dict[str, torch.Tensor], spec: ModelSpec,

@@ -83,6 +83,8 @@ class TaskConfig(StrictModel):
     n_best: int = Field(20, ge=1)
     max_answer_length: int = Field(30, ge=1, description="in tokens")
     null_threshold: float = Field(0.0, description="SQuAD v2: answer '' when score_null - best_span > this")
+    group_by_length: bool = Field(True, description="batches of similar lengths (less padding), in a seeded "
+                                  "order, as HF Trainer's group_by_length")
     select_best_epoch: bool = Field(False, description="score every epoch on the eval set and keep the best "
                                     "(reported as dev-selected)")
     sample_efficiency: CurveConfig | None = None

@@ -192,6 +192,10 @@ def load_task(task: TaskConfig, seed: int, bad: BadRowCounter) -> TaskData:
         train = read_file(task, task.train, bad)
         if task.split is not None:
             train, carved = carve(train, task)
+            if not train or not carved:
+                raise StageError(f"task {task.name!r}: carving {task.train} ({len(train) + len(carved)} usable rows) "
+                                 f"left {len(train)} to train on and {len(carved)} to evaluate; change "
+                                 "split.eval_fraction or give an eval file")
             evals = {task.name: carved}
             notes = [f"evaluation set carved out of {task.train}: {task.split.eval_fraction:.0%} of its keys by a "
                      f"salted hash (seed {task.split.seed})"]

@@ -4,6 +4,10 @@ The training order is a fixed sequence of examples: epoch e is a permutation dra
 and the epochs follow each other. Optimizer step s takes positions [s * B, (s + 1) * B) of it; rank r
 reads its own `B / world` of them, in micro-batches. So the examples of a step do not depend on the
 world size, and a loader position is one number (the micro-batch count) for exact resume.
+
+With `group_by_length` (HF Trainer's option of that name), each run of 50 batches of the permutation
+is sorted by length and cut into batches, whose order is then shuffled: a batch holds examples of
+similar length, so little of it is padding (a third of the compute on SST-2 without it).
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from tasks.training.config import LoopConfig
 from tasks.training.objective import Batch, Loss, Objective
 
 
+MEGABATCH = 50                 # batches sorted by length together (HF's group_by_length)
+
+
 class WorkerSpec(StrictModel):
     """What a fine-tuning worker is handed (JSON in the run directory)."""
 
@@ -35,6 +42,7 @@ class WorkerSpec(StrictModel):
     pretrained_dir: str | None        # None: random init
     train_features: str
     eval_features: str | None = None
+    group_by_length: bool = True
 
 
 class FinetuneObjective(Objective):
@@ -44,6 +52,7 @@ class FinetuneObjective(Objective):
         self.train = Features.load(Path(spec.train_features))
         self.eval = Features.load(Path(spec.eval_features)) if spec.eval_features else None
         self.seed, self.per_rank, self.pad = spec.loop.seed, spec.loop.sequences_per_rank, spec.head.pad_id
+        self.longest = self.train.lengths.reshape(len(self.train), self.train.n_seq).max(axis=1)
         self._epoch, self._permutation = -1, np.arange(0)
 
     def build_model(self) -> nn.Module:
@@ -51,12 +60,24 @@ class FinetuneObjective(Objective):
         return build_task_model(self.worker.base, self.worker.head, pretrained, self.worker.dropout,
                                 self.worker.extra_rows)
 
-    def order(self, position: int) -> int:
-        """The example at `position` of the endless training order."""
+    def order(self, position: int, batch: int) -> int:
+        """The example at `position` of the endless training order (`batch`: examples per optimizer step)."""
         epoch, index = divmod(position, len(self.train))
         if epoch != self._epoch:
-            self._epoch, self._permutation = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+            self._epoch, self._permutation = epoch, self.epoch_order(epoch, batch)
         return int(self._permutation[index])
+
+    def epoch_order(self, epoch: int, batch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.train))
+        if not self.worker.group_by_length:
+            return order
+        mega = MEGABATCH * batch
+        runs = [sorted(order[i:i + mega], key=lambda j: -self.longest[j]) for i in range(0, len(order), mega)]
+        batches = [run[i:i + batch] for run in runs for i in range(0, len(run), batch)]
+        full, rest = [b for b in batches if len(b) == batch], [b for b in batches if len(b) < batch]
+        shuffled = [full[i] for i in rng.permutation(len(full))]
+        return np.array([j for b in shuffled + rest for j in b], dtype=np.int64)
 
     def train_batches(self, rank: int, world: int, micro_batch: int,
                       position: dict[str, int] | None) -> Iterator[Batch]:
@@ -64,7 +85,7 @@ class FinetuneObjective(Objective):
         for count in itertools.count(position["micro"] + 1 if position else 0):
             step, micro = divmod(count, accum)
             first = step * self.per_rank * world + rank * self.per_rank + micro * micro_batch
-            indices = [self.order(first + i) for i in range(micro_batch)]
+            indices = [self.order(first + i, self.per_rank * world) for i in range(micro_batch)]
             yield Batch(self.train.batch(indices, self.pad), {"micro": count}, self.train.real_tokens(indices))
 
     def val_batches(self, rank: int, world: int, micro_batch: int) -> Iterator[Batch]:

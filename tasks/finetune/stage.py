@@ -183,7 +183,8 @@ def fit(task: TaskConfig, config: FinetuneConfig, inputs: Inputs, ctx: StageCont
     worker = runs.WorkerSpec(loop=loop, base=inputs.spec, head=head.model_copy(update={"init": init}),
                              dropout=task.dropout, extra_rows=inputs.extra_rows,
                              pretrained_dir=str(inputs.model_dir) if init == "pretrained" else None,
-                             train_features=train_path, eval_features=eval_path)
+                             train_features=train_path, eval_features=eval_path,
+                             group_by_length=task.group_by_length)
     model_dir = runs.train(worker, config)
     model, device = runs.load_model(model_dir, config)
     info = {"steps": plan.max_steps, "train_examples": len(chosen), "train_features": len(features)}

@@ -1,0 +1,66 @@
+"""The finetune recipe section: what it accepts, what it refuses (naming the task and field), what it fingerprints."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from tasks.finetune import data_file_signatures
+from tasks.finetune.config import FinetuneConfig
+
+GLUE = "../shared/data/glue"
+
+
+def config(*tasks: dict, **fields: object) -> FinetuneConfig:
+    return FinetuneConfig.model_validate({"tasks": list(tasks), **fields})
+
+
+SST2 = {"name": "sst2", "kind": "glue", "train": f"{GLUE}/sst2/train.head5000.tsv", "eval": f"{GLUE}/sst2/dev.tsv"}
+
+
+@pytest.mark.parametrize("task,message", [
+    ({**SST2, "doc_stride": 64}, "doc_stride is a SQuAD option"),
+    ({**SST2, "language": "fr"}, "language is a kind wiki_topic option"),
+    ({"name": "fpb", "kind": "phrasebank", "train": "x.txt"}, "give exactly one of 'eval'"),
+    ({"name": "fpb", "kind": "phrasebank", "train": "x.txt", "eval": "y.txt", "split": {}}, "give exactly one"),
+    ({"name": "topic", "kind": "wiki_topic", "train": "x"}, "kind wiki_topic reads the installed summaries"),
+    ({**SST2, "glue_task": "rte", "kind": "fomc"}, "glue_task is a kind glue option"),
+    ({**SST2, "name": "SST 2"}, "must match"),
+    ({**SST2, "epochs": 1.5, "select_best_epoch": True}, "whole number of epochs"),
+    ({**SST2, "sample_efficiency": {"fractions": [0.5, 0.5]}}, "distinct numbers in"),
+    ({**SST2, "unknown": 1}, "Extra inputs are not permitted"),
+])
+def test_bad_sections_are_refused_naming_the_problem(task, message):
+    with pytest.raises(ValidationError, match=message):
+        config(task)
+
+
+def test_task_names_are_unique_and_inprocess_is_one_process():
+    with pytest.raises(ValidationError, match=r"unique.*\['sst2'\]"):
+        config(SST2, SST2)
+    with pytest.raises(ValidationError, match="nproc_per_node > 1 needs torchrun"):
+        config(SST2, launcher="inprocess", nproc_per_node=2)
+
+
+def test_fingerprint_sees_data_files_and_output_fields_only(tmp_path):
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\nfine\t1\n")
+    task = {**SST2, "train": str(train)}
+    before = data_file_signatures(config(task))
+    train.write_text("sentence\tlabel\nbad\t0\n")
+    after = data_file_signatures(config(task))
+    assert before["data"]["sst2"][0][2] != after["data"]["sst2"][0][2]          # the sha256 of the content
+    topic = data_file_signatures(config({"name": "topic", "kind": "wiki_topic"}))["data"]["topic"][0]
+    assert topic[0].endswith("summaries_en-us.json") and len(topic[2]) == 64
+    assert data_file_signatures(config({**SST2, "train": "hf:nyu-mll/glue"}))["data"]["sst2"][0] == "hf:nyu-mll/glue"
+    # knobs that change nothing stay out of the fingerprint
+    assert config(SST2, progress=False, log_every=3, launcher="torchrun").output_fields() == config(SST2).output_fields()
+    assert config(SST2).output_fields() != config({**SST2, "lr": 1e-4}).output_fields()
+
+
+def test_the_declaration_imports_no_torch():
+    code = "import sys, tasks.finetune; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -12,10 +12,11 @@ depend on them) over a 4096-id BPE trained on WikiText-2 first, or a real pretra
 - held-out bits per byte on WikiText-2: the stage's strided scorer (stride = seq_len, and seq_len / 2)
   in scored tokens/s, vs the same windows one forward pass at a time.
 
-Each measurement is repeated `--repeat` times and the best is reported (the machine may be shared).
+The stage and its reference take turns `--repeat` times; the best of each is reported (the machine may
+be shared, and turns slow both alike).
 
-    python benchmarks/evaluate.py             # 300 ARC items, 100k characters of WikiText-2
-    python benchmarks/evaluate.py --quick     # 60 items, 20k characters
+    python benchmarks/evaluate.py             # 150 ARC items, 50k characters of WikiText-2 (~6 min on 2 cores)
+    python benchmarks/evaluate.py --quick     # 40 items, 10k characters (~1.5 min)
     python benchmarks/evaluate.py --device cuda   # bf16 autocast on a GPU
 """
 from __future__ import annotations
@@ -67,15 +68,18 @@ def demo_model(work: Path, device: torch.device):
     return GPT(spec).to(device).eval(), spec, encoding
 
 
-def best(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    times, result = [], None
+def paired(stage: Callable[[], object], plain: Callable[[], object], repeat: int) -> tuple[float, object, float, object]:
+    """Best time and result of each, the two taking turns (a shared machine slows both alike)."""
+    times: dict[str, list[float]] = {"stage": [], "plain": []}
+    results: dict[str, object] = {}
     for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        for name, fn in (("stage", stage), ("plain", plain)):
+            start = time.perf_counter()
+            results[name] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return min(times["stage"]), results["stage"], min(times["plain"]), results["plain"]
 
 
 @torch.no_grad()
@@ -89,12 +93,12 @@ def plain_window_logprob(model: GPT, spec: ModelSpec, inputs: list[int], targets
     return float(logprobs.gather(1, wanted)[-n_scored:].sum())
 
 
-def plain_choice_loop(task: TaskSpec, items, lm: LM, device: torch.device, precision: str) -> list[list[float]]:
+def plain_choice_loop(task: TaskSpec, items, pool, lm: LM, device: torch.device, precision: str) -> list[list[float]]:
     """Every choice of every item in its own forward pass (same prompts and tokens as the stage)."""
     scorer, spec = lm.scorer, lm.scorer.spec
     out = []
     for item in items:
-        prefix = fewshot_prefix(draw_demonstrations(item, items, task.num_fewshot, f"evaluate-fewshot:1234:{task.name}"))
+        prefix = fewshot_prefix(draw_demonstrations(item, pool, task.num_fewshot, f"evaluate-fewshot:1234:{task.name}"))
         pairs = [(prefix + c, k) for c, k in zip(item.contexts, item.continuations)]
         lls = []
         for context, continuation in encode_pairs(lm.encoding, pairs, lm.eot):
@@ -106,28 +110,30 @@ def plain_choice_loop(task: TaskSpec, items, lm: LM, device: torch.device, preci
 
 def multiple_choice(lm: LM, items, shots: int, repeat: int, device: torch.device, precision: str) -> dict:
     task = TaskSpec(name=f"arc_easy_{shots}shot", format="arc", path=str(ARC), num_fewshot=shots)
-    # items whose continuations fit, as the stage keeps them, so both sides score the same requests
-    stage_s, result = best(lambda: score_loglikelihood_task(task, items, items, lm, 1234), repeat)
-    kept = {row.id for row in result.rows}
+    # the items whose continuations fit, as the stage keeps them, so both sides score the same requests
+    kept = {row.id for row in score_loglikelihood_task(task, items, items, lm, 1234).rows}
     same = [item for item in items if item.id in kept]
-    plain_s, plain = best(lambda: plain_choice_loop(task, same, lm, device, precision), repeat)
+    stage_s, result, plain_s, plain = paired(lambda: score_loglikelihood_task(task, same, items, lm, 1234),
+                                             lambda: plain_choice_loop(task, same, items, lm, device, precision),
+                                             repeat)
     gap = max(abs(a - b) for row, lls in zip(result.rows, plain) for a, b in zip(row.loglikelihoods, lls))
     return {"examples": len(result.rows), "stage_s": stage_s, "plain_s": plain_s, "gap": gap}
 
 
 def heldout(lm: LM, text: str, stride: int, repeat: int, device: torch.device, precision: str) -> dict:
     scorer = lm.scorer
-    stage_s, found = best(lambda: causal_lm(scorer, lm.encoding, text, stride), repeat)
     windows = strided_windows(lm.encoding.encode_ordinary(text), lm.eot, scorer.spec.seq_len, stride)
-    plain_s, nll = best(lambda: -sum(plain_window_logprob(scorer.model, scorer.spec, w.inputs, w.targets, w.n_scored,
-                                                          device, precision) for w in windows), repeat)
+    stage_s, found, plain_s, nll = paired(
+        lambda: causal_lm(scorer, lm.encoding, text, stride),
+        lambda: -sum(plain_window_logprob(scorer.model, scorer.spec, w.inputs, w.targets, w.n_scored, device,
+                                          precision) for w in windows), repeat)
     return {"tokens": found["tokens"], "stage_s": stage_s, "plain_s": plain_s, "bpb": found["bpb"],
             "gap": abs(found["loss"] * found["tokens"] - nll) / found["tokens"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="60 ARC items, 20k characters")
+    parser.add_argument("--quick", action="store_true", help="40 ARC items, 10k characters")
     parser.add_argument("--model", type=Path, help="a pretrain output (default: the demo shape, random weights)")
     parser.add_argument("--tokenizer", type=Path, help="its tokenizer stage output (with --model)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -146,8 +152,8 @@ def main() -> None:
 
         model, spec, encoding = demo_model(Path(tempfile.mkdtemp(prefix="evalbench-")), device)
     lm = LM(Scorer(model, spec, device, precision, args.batch_tokens), encoding)
-    items = read_choice_file("arc", ARC).items[: 60 if args.quick else 300]
-    text = WIKITEXT.read_text(encoding="utf-8")[: 20_000 if args.quick else 100_000]
+    items = read_choice_file("arc", ARC).items[: 40 if args.quick else 150]
+    text = WIKITEXT.read_text(encoding="utf-8")[: 10_000 if args.quick else 50_000]
     print(f"model: {spec.n_layer} layers, d={spec.d_model}, seq_len={spec.seq_len}, vocab={spec.vocab_size}; "
           f"device {device.type} ({precision}), {torch.get_num_threads()} threads, batch_tokens {args.batch_tokens}")
     print(f"\n{'multiple choice (ARC-Easy)':<30} {'examples/s':>11} {'plain loop':>11} {'speed-up':>9} {'max |dll|':>10}")

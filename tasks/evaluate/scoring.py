@@ -6,7 +6,7 @@ many of the last targets count. A (context, continuation) request becomes the wi
 left truncation, `_loglikelihood_tokens`); a held-out text becomes strided windows.
 
 Windows are sorted longest first and packed into batches of at most `batch_tokens` (padding
-included), right-padded: the model is causal, so padding after a sequence never changes it. Only
+included, and at most a fifth of the batch), right-padded: the model is causal, so padding after a sequence never changes it. Only
 the scored positions go through the output layer, and log-probabilities are normalised over the
 real vocabulary (the embedding's padding rows are left out), exactly as the exported HF model does.
 """
@@ -23,6 +23,7 @@ from storage.formats import ModelSpec
 from tasks.training.runtime import autocast
 
 LOGIT_BYTES = 1 << 28          # logits computed in chunks of at most this many fp32 bytes
+PADDING_SLACK = 1.25           # a batch's padded size stays within 1.25x its real tokens
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,17 @@ class Scorer:
         return scores  # type: ignore[return-value]
 
     def batches(self, lengths: list[int]) -> Iterator[list[int]]:
-        """Indices, longest first, in batches whose padded size stays within batch_tokens."""
+        """Indices, longest first, in batches within batch_tokens (padding included) and at most 20% padding."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         batch: list[int] = []
+        real = 0
         for index in order:
-            if batch and (len(batch) + 1) * lengths[batch[0]] > self.batch_tokens:
+            padded = (len(batch) + 1) * (lengths[batch[0]] if batch else lengths[index])
+            if batch and (padded > self.batch_tokens or padded > PADDING_SLACK * (real + lengths[index])):
                 yield batch
-                batch = []
+                batch, real = [], 0
             batch.append(index)
+            real += lengths[index]
         if batch:
             yield batch
 

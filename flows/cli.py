@@ -113,7 +113,9 @@ def _open_terminal(verbose: bool) -> None:
     _sigterm_to_exit()
     if not verbose:
         _quiet_user_errors()
-        logging.getLogger("mlflow").setLevel(logging.WARNING)     # "creating database tables..." and the like
+        # "creating database tables..." and the like: MLflow sets its level from this when it is imported
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     terminal.activate(terminal.Terminal(verbose))
 
 

@@ -250,3 +250,23 @@ def test_a_sample_efficiency_curve_compares_inits_on_nested_subsets(pretrained, 
                                                           ("pretrained", "random") for p in (25, 50, 100)}
     assert (output / "sst2/sample_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 25% | 16 |" in (output / "sst2/curve.md").read_text()
+
+
+# ---- BERT ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> fx.Pretrained:
+    return fx.build_pretrained(tmp_path_factory.mktemp("bert"), "bert", steps=150, docs=3000)
+
+
+def test_bert_reads_cls_pairs_spans_and_tags(bert, tmp_path):
+    tasks = [{**t, "max_train_examples": 48, "max_eval_examples": 24} for t in ALL_KINDS if t["name"] in
+             ("sst2", "stsb", "squad2", "ner")]
+    result, output = finetune(tmp_path, bert, tasks)
+    for name in ("sst2", "stsb", "squad2", "ner"):
+        model, spec = load_finetuned(output / name / "model")
+        assert spec.arch == "bert" and model.head_spec.family == "bert" and model.head_spec.task_tokens == {}
+        assert json.loads((output / name / "task.json").read_text())["hyperparameters"]["lm_weight"] == 0.0
+    assert len(json.loads((output / "squad2/predictions.json").read_text())) == 24
+    assert {"sst2/accuracy", "stsb/pearson", "squad2/exact", "ner/f1"} <= set(result.stats)

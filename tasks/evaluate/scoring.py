@@ -6,9 +6,10 @@ many of the last targets count. A (context, continuation) request becomes the wi
 left truncation, `_loglikelihood_tokens`); a held-out text becomes strided windows.
 
 Windows are sorted longest first and packed into batches of at most `batch_tokens` (padding
-included, and at most a fifth of the batch), right-padded: the model is causal, so padding after a sequence never changes it. Only
-the scored positions go through the output layer, and log-probabilities are normalised over the
-real vocabulary (the embedding's padding rows are left out), exactly as the exported HF model does.
+included, and at most a fifth of the batch), right-padded: the model is causal, so padding after a
+sequence never changes it. Only the scored positions go through the output layer, and
+log-probabilities are normalised over the real vocabulary (the embedding's padding rows are left
+out), exactly as the exported HF model does.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from tasks.evaluate import heldout, unscramble
 from tasks.evaluate.config import EvaluateConfig, TaskSpec
 from tasks.evaluate.prompts import FEWSHOT_DELIMITER
 from tasks.evaluate.scoring import Scorer
-from tasks.evaluate.suite import LM, OFFICIAL, TaskResult, score_generate_task, score_loglikelihood_task
+from tasks.evaluate.suite import LM, OFFICIAL, score_generate_task, score_loglikelihood_task
 from tasks.models import load_pretrained
 from tasks.tokenizer import load_encoding
 from tasks.training.runtime import choose_device, resolve_precision

@@ -133,7 +133,8 @@ def task_metrics(kind: str, rows: Sequence[PredictionRow], choices: Sequence[Seq
     if kind == "generate":
         return _with_centering(kind, {"exact_match": sum(r.prediction == r.gold for r in rows) / n}, 0.0, n)
     if kind == "cloze":
-        found = {"acc": sum(r.greedy[0] for r in rows) / n, "ppl": math.exp(-sum(r.loglikelihoods[0] for r in rows) / n)}
+        found = {"acc": sum(r.greedy[0] for r in rows) / n,
+                 "ppl": math.exp(-sum(r.loglikelihoods[0] for r in rows) / n)}
         return _with_centering(kind, found, 0.0, n)
     found = {"acc": sum(_argmax(r.loglikelihoods) == r.gold for r in rows) / n}
     if kind == "choice":

@@ -202,7 +202,8 @@ def write_tokenizer(folder: Path, spec: ModelSpec, tokenizer_dir: Path) -> None:
     if spec.arch == "bert":     # [CLS] A [SEP] (B [SEP]), as lmforge's BERT was trained
         cls, sep = spec.special_tokens["[CLS]"], spec.special_tokens["[SEP]"]
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tokenizer.save(str(folder / "tokenizer.json"), pretty=False)
     specials = BERT_SPECIALS if spec.arch == "bert" else {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     _json(folder / "special_tokens_map.json", specials)

@@ -24,7 +24,8 @@ def recipe(tmp_path_factory, shared_data) -> Path:
         "ingest": {"sources": [{"name": "wiki", "kind": "wiki_offline", "languages": ["en"], "max_docs": 400}]},
         "tokenizer": {"vocab_size": 512, "special_tokens": SPECIALS},
         "shard": {"val_fraction": 0.1},
-        "pretrain": {"model": {"preset": "gpt-nano"}, "batch_tokens": 512, "micro_batch": 4, "max_steps": 12, "optim": {"warmup_steps": 2},
+        "pretrain": {"model": {"preset": "gpt-nano"}, "batch_tokens": 512, "micro_batch": 4, "max_steps": 12,
+                     "optim": {"warmup_steps": 2},
                      "eval_every": 0, "checkpoint_every": 0, "log_every": 2, "precision": "fp32",
                      "sample": {"prompts": ["The "], "max_new_tokens": 8}},
         "evaluate": {"heldout": {"files": [str(shared_data / "raw/wikitext-2_test.txt")], "max_chars": 5000},
@@ -91,7 +92,7 @@ def test_the_plan_sees_a_changed_task_file(recipe, built):
 
 
 def test_export_finds_the_tokenizer_through_the_workspace_and_transformers_loads_the_folder(built, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers   # the test extra: a missing one fails here, never skips
     import torch
 
     from tasks.models import load_pretrained

@@ -36,7 +36,8 @@ def test_every_real_file_loads_every_row(format, name, labels, rows):
     for item in data.items:
         n = len(item.continuations)
         assert len(item.contexts) == n == len(item.choices) and 0 <= item.label < n
-        assert all(c.strip() for c in item.contexts) and all(c.startswith(" ") and c.strip() for c in item.continuations)
+        assert all(c.strip() for c in item.contexts)
+        assert all(c.startswith(" ") and c.strip() for c in item.continuations)
 
 
 def test_arc_is_rendered_as_the_harness_renders_it_with_numeric_keys_and_odd_choice_counts():
@@ -100,8 +101,10 @@ HELLASWAG_ROWS = [   # the released hellaswag_val.jsonl layout (int labels); the
     {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
      "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
      "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
-    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+     "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Clean and jerk",
+     "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
      "ctx_b": "the lady", "split": "val", "split_type": "zeroshot", "label": "0",
      "endings": ["swings and lands in her arms.", "pulls the barbell forward.", "pulls a rope attached to the barbell.",
                  "stands and lifts the weight over her head."], "source_id": "activitynet~v_-lJS58hyo1c"},
@@ -117,7 +120,8 @@ def test_hellaswag_rows_in_the_released_layout_are_cleaned_as_the_harness_does(t
     items = read_choice_file("hellaswag", path).items
     assert [i.id for i in items] == ["24", "92", "1000"] and [i.label for i in items] == [3, 0, 1]
     assert items[0].contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"
-    assert items[1].contexts[0] == "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady"
+    assert items[1].contexts[0] == ("Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. "
+                                    "The lady")
     assert items[2].contexts[0] == "Home and Garden: How to grow tomatoes. Pick a spot."
     # The harness strips before it removes the brackets, so "[step] Water daily." keeps a leading space.
     assert items[2].choices == (" Water daily.", "Choose a sunny place with shade.")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import tiktoken
@@ -75,7 +74,8 @@ def test_strided_perplexity_equals_the_non_strided_one_when_the_text_fits_one_wi
     short = text(400)
     tokens = encoding.encode_ordinary(short)[: spec.seq_len - 1]
     short = encoding.decode(tokens)
-    strided, whole = causal_lm(scorer, encoding, short, stride=7), causal_lm(scorer, encoding, short, stride=spec.seq_len)
+    strided = causal_lm(scorer, encoding, short, stride=7)
+    whole = causal_lm(scorer, encoding, short, stride=spec.seq_len)
     assert strided == whole and strided["windows"] == 1 and strided["tokens"] == len(tokens)
     expected = -direct_logprobs(gpt, [encoding.eot_token, *tokens]).sum().item()
     assert strided["loss"] == pytest.approx(expected / len(tokens), rel=1e-6)

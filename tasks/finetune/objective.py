@@ -27,7 +27,6 @@ from tasks.finetune.model import HeadSpec, spec_for_finetuning
 from tasks.training.config import LoopConfig
 from tasks.training.objective import Batch, Loss, Objective
 
-
 MEGABATCH = 50                 # batches sorted by length together (HF's group_by_length)
 
 

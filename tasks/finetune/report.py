@@ -21,7 +21,8 @@ GLUE_COLUMNS = (("MNLI-m/mm", ("mnli-m", "mnli-mm"), ("accuracy",)), ("QQP", ("q
                 ("WNLI", ("wnli",), ("accuracy",)))
 
 
-def glue_cell(results: dict[str, dict[str, float]], sets: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, float | None]:
+def glue_cell(results: dict[str, dict[str, float]], sets: tuple[str, ...],
+              names: tuple[str, ...]) -> tuple[str, float | None]:
     """(the cell's text, the number it adds to the average) for one column; '-' when not run."""
     if len(sets) > 1:               # MNLI: one metric on two evaluation sets
         values = [results[s][names[0]] for s in sets if s in results]

@@ -70,7 +70,8 @@ def schedule(task: TaskConfig, config: FinetuneConfig, n_train: int) -> Schedule
     world = config.nproc_per_node
     per_rank, remainder = divmod(task.batch_size, world)
     if remainder or not per_rank:
-        raise StageError(f"task {task.name!r}: batch_size {task.batch_size} must be a multiple of nproc_per_node {world}")
+        raise StageError(f"task {task.name!r}: batch_size {task.batch_size} must be a multiple of "
+                         f"nproc_per_node {world}")
     if task.micro_batch and per_rank % task.micro_batch:
         raise StageError(f"task {task.name!r}: micro_batch {task.micro_batch} does not divide the {per_rank} "
                          "examples each process takes per step")

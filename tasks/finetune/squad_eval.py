@@ -103,7 +103,8 @@ def squad_scores(examples: Sequence[SquadExample], predictions: Mapping[str, str
     if not ids:
         raise ValueError("no question of the evaluation set has a prediction")
     out = {"exact": _mean(exact, ids), "f1": _mean(f1, ids), "total": float(len(ids))}
-    for name, subset in (("HasAns", [q for q in ids if has_answer[q]]), ("NoAns", [q for q in ids if not has_answer[q]])):
+    subsets = (("HasAns", [q for q in ids if has_answer[q]]), ("NoAns", [q for q in ids if not has_answer[q]]))
+    for name, subset in subsets:
         if subset:
             out.update({f"{name}_exact": _mean(exact, subset), f"{name}_f1": _mean(f1, subset),
                         f"{name}_total": float(len(subset))})

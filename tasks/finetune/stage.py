@@ -65,6 +65,21 @@ class RunResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Job:
+    """One task, read and encoded, with everything its runs share."""
+
+    task: TaskConfig
+    config: FinetuneConfig
+    inputs: Inputs
+    ctx: StageContext
+    data: TaskData
+    hyper: runs.Hyper
+    head: HeadSpec
+    train: Prepared
+    evals: dict[str, Prepared]
+
+
 def run(config: FinetuneConfig, ctx: StageContext) -> StageResult:
     inputs = read_inputs(config, ctx)
     result, glue = StageResult(), {"results": {}, "sizes": {}}
@@ -122,6 +137,23 @@ def task_specials(spec: ModelSpec, tokenizer: TokenizerFile, config: FinetuneCon
 def run_task(task: TaskConfig, config: FinetuneConfig, inputs: Inputs, ctx: StageContext, result: StageResult,
              tracker: TaskRuns) -> dict[str, Any]:
     """Fine-tunes one task (and its sample-efficiency runs); returns its GLUE results, if it is a GLUE task."""
+    job = prepare_job(task, config, inputs, ctx, result)
+    params = {**task.model_dump(mode="json"), "resolved": job.hyper.__dict__, "init": config.init}
+    with tracker.run(task.name, params) as run_id:
+        main = fit(job, config.init, 1.0, run_id)
+        files = write_task(job, main, result)
+        if task.sample_efficiency:
+            files += sample_efficiency(job, main, result)
+        tracker.log(run_id, {k.split("/", 1)[1] if len(main.metrics) == 1 else k: v
+                             for k, v in task_stats(main).items()}, files)
+    note(f"{task.name}: " + ", ".join(f"{s}/{k}={v:.4f}" for s, m in main.metrics.items() for k, v in
+                                      list(m.items())[:2]), "finetune")
+    return glue_results(job, main)
+
+
+def prepare_job(task: TaskConfig, config: FinetuneConfig, inputs: Inputs, ctx: StageContext,
+                result: StageResult) -> Job:
+    """Reads the task's files and encodes them for the model's family; bad rows go to `result`."""
     bad = BadRowCounter()
     data = load_task(task, ctx.seed, bad)
     hyper = runs.resolve(task, inputs.spec)
@@ -131,21 +163,15 @@ def run_task(task: TaskConfig, config: FinetuneConfig, inputs: Inputs, ctx: Stag
     evals = {name: preparer.prepare(examples, False, bad, name) for name, examples in data.evals.items()}
     record_bad_rows(task.name, bad, result)
     head = head_spec(task, data, inputs, hyper, config.init)
-    params = {**task.model_dump(mode="json"), "resolved": hyper.__dict__, "init": config.init}
-    with tracker.run(task.name, params) as run_id:
-        main = fit(task, config, inputs, ctx, head, data, train, evals, config.init, 1.0, run_id)
-        files = write_task(task, data, train, evals, main, hyper, ctx.output, result)
-        if task.sample_efficiency:
-            files += sample_efficiency(task, config, inputs, ctx, head, data, train, evals, main, result)
-        tracker.log(run_id, {k.split("/", 1)[1] if len(main.metrics) == 1 else k: v
-                             for k, v in task_stats(main).items()}, files)
-    note(f"{task.name}: " + ", ".join(f"{s}/{k}={v:.4f}" for s, m in main.metrics.items() for k, v in
-                                      list(m.items())[:2]), "finetune")
-    if not data.kind.startswith("glue/"):
+    return Job(task, config, inputs, ctx, data, hyper, head, train, evals)
+
+
+def glue_results(job: Job, main: RunResult) -> dict[str, Any]:
+    """A GLUE task's scores and sizes keyed by the table's columns (mnli-m, mnli-mm for an eval mapping)."""
+    if not job.data.kind.startswith("glue/"):
         return {}
-    # The table's columns are GLUE task names (mnli-m, mnli-mm for an eval mapping), whatever the task is called.
-    column = {name: data.kind.split("/")[1] + name[len(task.name):] for name in evals}
-    sizes = {column[name]: f"{len(train.examples)} / {len(prep.examples)}" for name, prep in evals.items()}
+    column = {name: job.data.kind.split("/")[1] + name[len(job.task.name):] for name in job.evals}
+    sizes = {column[n]: f"{len(job.train.examples)} / {len(p.examples)}" for n, p in job.evals.items()}
     return {"results": {column[n]: m for n, m in main.metrics.items()}, "sizes": sizes}
 
 
@@ -169,28 +195,27 @@ def record_bad_rows(task: str, bad: BadRowCounter, result: StageResult) -> None:
 # ---- training and predicting ------------------------------------------------------------------
 
 
-def fit(task: TaskConfig, config: FinetuneConfig, inputs: Inputs, ctx: StageContext, head: HeadSpec, data: TaskData,
-        train: Prepared, evals: dict[str, Prepared], init: str, fraction: float, run_id: str | None) -> RunResult:
-    """Trains one run (init x training fraction) and scores every evaluation set."""
-    chosen = subset_examples(train, task, ctx.seed, fraction)
-    features = features_of(train, chosen)
+def fit(job: Job, init: str, fraction: float, run_id: str | None,
+        evals: dict[str, Prepared] | None = None) -> RunResult:
+    """Trains one run (init x training fraction) and scores every evaluation set (or `evals`)."""
+    task, ctx, evals = job.task, job.ctx, evals or job.evals
+    chosen = subset_examples(job.train, task, ctx.seed, fraction)
+    features = features_of(job.train, chosen)
     run_dir = ctx.scratch / task.name / f"{init}-{round(fraction * 100)}"
-    first_eval = next(iter(evals.values())).features
-    train_path, eval_path = runs.write_features(run_dir, features, first_eval)
-    plan = runs.schedule(task, config, len(features))
-    hyper = runs.resolve(task, inputs.spec)
-    loop = runs.loop_config(task, config, hyper, plan, run_dir, ctx.seed, (ctx.mlflow_tracking_uri, run_id))
-    worker = runs.WorkerSpec(loop=loop, base=inputs.spec, head=head.model_copy(update={"init": init}),
-                             dropout=task.dropout, extra_rows=inputs.extra_rows,
-                             pretrained_dir=str(inputs.model_dir) if init == "pretrained" else None,
+    train_path, eval_path = runs.write_features(run_dir, features, next(iter(evals.values())).features)
+    plan = runs.schedule(task, job.config, len(features))
+    loop = runs.loop_config(task, job.config, job.hyper, plan, run_dir, ctx.seed, (ctx.mlflow_tracking_uri, run_id))
+    worker = runs.WorkerSpec(loop=loop, base=job.inputs.spec, head=job.head.model_copy(update={"init": init}),
+                             dropout=task.dropout, extra_rows=job.inputs.extra_rows,
+                             pretrained_dir=str(job.inputs.model_dir) if init == "pretrained" else None,
                              train_features=train_path, eval_features=eval_path,
                              group_by_length=task.group_by_length)
-    model_dir = runs.train(worker, config)
-    model, device = runs.load_model(model_dir, config)
+    model_dir = runs.train(worker, job.config)
+    model, device = runs.load_model(model_dir, job.config)
     info = {"steps": plan.max_steps, "train_examples": len(chosen), "train_features": len(features)}
     if task.select_best_epoch:
-        info["selected_epoch"] = select_epoch(model, run_dir, task, config, data, evals, device)
-    scored = {name: predict_and_score(model, task, config, data, prep, device) for name, prep in evals.items()}
+        info["selected_epoch"] = select_epoch(job, model, run_dir, device)
+    scored = {name: predict_and_score(job, model, prep, device) for name, prep in evals.items()}
     return RunResult({n: s[1] for n, s in scored.items()}, {n: s[0] for n, s in scored.items()}, model_dir, info)
 
 
@@ -211,9 +236,9 @@ def features_of(prepared: Prepared, examples: list[int]) -> Features:
     return prepared.features.subset([i for i, meta in enumerate(prepared.meta) if meta.example in wanted])
 
 
-def predict_and_score(model: Any, task: TaskConfig, config: FinetuneConfig, data: TaskData, prepared: Prepared,
-                      device: Any) -> tuple[Predictions, dict[str, float]]:
-    logits = feature_logits(model, prepared, config.eval_batch_size, device, config.precision)
+def predict_and_score(job: Job, model: Any, prepared: Prepared, device: Any) -> tuple[Predictions, dict[str, float]]:
+    task, data = job.task, job.data
+    logits = feature_logits(model, prepared, job.config.eval_batch_size, device, job.config.precision)
     predictions = decode(data, prepared, logits, task.n_best, task.max_answer_length, task.null_threshold)
     metrics = score(data, prepared.examples, predictions)
     if data.kind == "fomc":
@@ -223,19 +248,18 @@ def predict_and_score(model: Any, task: TaskConfig, config: FinetuneConfig, data
     return predictions, metrics
 
 
-def select_epoch(model: Any, run_dir: Path, task: TaskConfig, config: FinetuneConfig, data: TaskData,
-                 evals: dict[str, Prepared], device: Any) -> int:
+def select_epoch(job: Job, model: Any, run_dir: Path, device: Any) -> int:
     """Loads the epoch whose first evaluation set's official metric is highest (dev-set selection)."""
     import safetensors.torch
 
     from tasks.models import MODEL_FILE
 
-    first, official = next(iter(evals.values())), data.metrics[0]
+    first, official = next(iter(job.evals.values())), job.data.metrics[0]
     best_score, best_state, best_epoch = None, None, 0
     for epoch, checkpoint in enumerate(runs.epoch_checkpoints(run_dir), start=1):
         state = safetensors.torch.load_file(checkpoint / MODEL_FILE, device=str(device))
         model.load_state_dict(state, strict=True)
-        value = predict_and_score(model, task, config, data, first, device)[1][official]
+        value = predict_and_score(job, model, first, device)[1][official]
         if best_score is None or value > best_score:
             best_score, best_state, best_epoch = value, state, epoch
     model.load_state_dict(best_state, strict=True)
@@ -251,33 +275,41 @@ def fomc_index(prepared: Prepared, predictions: Predictions) -> dict[str, Any]:
 # ---- writing the outputs ----------------------------------------------------------------------
 
 
-def write_task(task: TaskConfig, data: TaskData, train: Prepared, evals: dict[str, Prepared], main: RunResult,
-               hyper: runs.Hyper, output: Path, result: StageResult) -> list[Path]:
+def write_task(job: Job, main: RunResult, result: StageResult) -> list[Path]:
     """Every evaluation set's files, the fine-tuned model and task.json; the stats; the files written."""
+    task, data, train = job.task, job.data, job.train
     files = []
-    for name, prepared in evals.items():
-        files += write_eval_set(output / name, data, prepared, main.predictions[name], main.metrics[name])
-    folder = output / task.name
+    for name, prepared in job.evals.items():
+        files += write_eval_set(job.ctx.output / name, data, prepared, main.predictions[name], main.metrics[name])
+    folder = job.ctx.output / task.name
     copy_model(main.model_dir, folder / "model")
     learning = main.model_dir.parent / METRICS_FILE
     if learning.is_file():
         shutil.copy2(learning, folder / "learning_curve.jsonl")
         files.append(folder / "learning_curve.jsonl")
-    counts = {**train.counts, **{f"{n}/{k}": v for n, p in evals.items() for k, v in p.counts.items()}}
-    summary = {"kind": data.kind, "form": data.form, "labels": data.labels, "hyperparameters": hyper.__dict__,
-               "train_examples": len(train.examples), "eval_examples": {n: len(p.examples) for n, p in evals.items()},
-               "counts": counts, "notes": data.notes, **main.info,
-               "selected_epoch_note": "dev-set selection: the epoch with the best evaluation score" if
-               "selected_epoch" in main.info else None}
-    (folder / "task.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    (folder / "task.json").write_text(json.dumps(task_summary(job, main), indent=2, sort_keys=True, default=str) + "\n")
     files.append(folder / "task.json")
-    for name, value in task_stats(main).items():
-        result.stats[name] = value
-    result.stats[f"{task.name}/train_examples"] = len(train.examples)
-    result.stats[f"{task.name}/steps"] = main.info["steps"]
-    for key, value in train.counts.items():
-        result.stats[f"{task.name}/train_{key}"] = value
+    result.stats.update(task_stats(main))
+    result.stats.update({f"{task.name}/train_examples": len(train.examples), f"{task.name}/steps": main.info["steps"],
+                         **{f"{task.name}/train_{key}": value for key, value in train.counts.items()}})
+    if "selected_epoch" in main.info:
+        result.stats[f"{task.name}/selected_epoch"] = main.info["selected_epoch"]
+    result.artifacts.setdefault("tasks", {})[task.name] = {"model": f"{task.name}/model", "head": job.head.kind,
+                                                           "eval_sets": list(job.evals)}
     return files
+
+
+def task_summary(job: Job, main: RunResult) -> dict[str, Any]:
+    """task.json: what was trained on what, with which hyperparameters, and everything the recipe cut or carved."""
+    counts = {**job.train.counts, **{f"{n}/{k}": v for n, p in job.evals.items() for k, v in p.counts.items()}}
+    summary = {"kind": job.data.kind, "form": job.data.form, "labels": job.data.labels,
+               "hyperparameters": job.hyper.__dict__, "train_examples": len(job.train.examples),
+               "eval_examples": {n: len(p.examples) for n, p in job.evals.items()}, "counts": counts,
+               "notes": job.data.notes, **main.info}
+    if "selected_epoch" in main.info:
+        summary["notes"] = [*job.data.notes, f"dev-set selection: epoch {main.info['selected_epoch']} scored best on "
+                            f"{next(iter(job.evals))} and is the one reported"]
+    return summary
 
 
 def task_stats(main: RunResult) -> dict[str, float]:
@@ -322,24 +354,19 @@ def copy_model(model_dir: Path, target: Path) -> None:
 # ---- sample efficiency --------------------------------------------------------------------------
 
 
-def sample_efficiency(task: TaskConfig, config: FinetuneConfig, inputs: Inputs, ctx: StageContext, head: HeadSpec,
-                      data: TaskData, train: Prepared, evals: dict[str, Prepared], main: RunResult,
-                      result: StageResult) -> list[Path]:
+def sample_efficiency(job: Job, main: RunResult, result: StageResult) -> list[Path]:
     """The official metric at each training fraction for each init: a table, a PNG, stats."""
-    curve, metric = task.sample_efficiency, data.metrics[0]
-    first = next(iter(evals))
+    task, curve, metric = job.task, job.task.sample_efficiency, job.data.metrics[0]
+    first = next(iter(job.evals))
     points: dict[str, dict[float, float]] = {init: {} for init in curve.inits}
     sizes: dict[float, int] = {}
     for init in curve.inits:
         for fraction in curve.fractions:
-            if init == config.init and fraction == 1.0:
-                run = main
-            else:
-                run = fit(task, config, inputs, ctx, head, data, train, {first: evals[first]}, init, fraction, None)
-            points[init][fraction] = run.metrics[first][metric]
-            sizes[fraction] = run.info["train_examples"]
+            reuse = init == job.config.init and fraction == 1.0
+            point = main if reuse else fit(job, init, fraction, None, {first: job.evals[first]})
+            points[init][fraction], sizes[fraction] = point.metrics[first][metric], point.info["train_examples"]
             result.stats[f"{task.name}/curve/{init}/{round(fraction * 100)}/{metric}"] = points[init][fraction]
-    folder = ctx.output / task.name
+    folder = job.ctx.output / task.name
     table = curve_table(task.name, metric, points, sizes)
     (folder / "curve.md").write_text(table)
     (folder / "curve.json").write_text(json.dumps({"metric": metric, "sizes": sizes, "points": points}, indent=2))

@@ -81,6 +81,10 @@ def test_every_real_task_file_is_scored_and_written_as_the_design_says(evaluated
     assert {"heldout/wikitext-2_test.txt/bpb", "aggregate/core"} <= set(result.stats)
     summary = json.loads((out / "results.json").read_text())
     assert summary["aggregate"]["core"] == result.stats["aggregate/core"] and summary["model"]["arch"] == "gpt"
+    first_line = lambda task: json.loads((out / task / "predictions.jsonl").read_text().splitlines()[0])  # noqa: E731
+    assert set(first_line("arc_easy")) == {"id", "prediction", "gold", "context", "continuations", "loglikelihoods",
+                                           "greedy"}
+    assert set(first_line("unscramble")) == {"id", "prediction", "gold", "context"}    # no null fields written
     heldout = json.loads((out / "heldout.json").read_text())
     assert heldout["stride"] == 32 and heldout["files"]["wikitext-2_test.txt"]["bytes"] <= 20_000 * 4
     assert 0 < heldout["files"]["wikitext-2_test.txt"]["bpb"] < math.log2(tinylm.VOCAB_SIZE) * 2

@@ -156,7 +156,8 @@ def _describe(task: TaskSpec) -> dict[str, Any]:
     rules = {"choice": "acc: argmax of loglikelihoods; acc_norm: argmax of loglikelihood / len(choice), choice = "
                        "the continuation without its leading target delimiter ' ', in characters",
              "schema": "acc: argmax of loglikelihoods (one continuation after each option-filled context)",
-             "cloze": "acc: greedy[0] (every token of the target is the argmax); ppl: exp(-mean loglikelihood)",
+             "cloze": "acc: greedy[0] (every token of the target is the argmax); ppl: exp(-mean loglikelihood); "
+                      "prediction: the argmax token at each target position (given the target's earlier tokens)",
              "generate": "exact_match: prediction (greedy text up to the first newline, stripped) == gold"}
     delimiter = unscramble.DELIMITER if task.kind == "generate" else FEWSHOT_DELIMITER
     return {"task": task.name, "format": task.format, "kind": task.kind, "official_metric": OFFICIAL[task.kind],

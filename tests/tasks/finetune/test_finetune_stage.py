@@ -166,6 +166,18 @@ def test_same_recipe_same_scores(pretrained, tmp_path):
         (out1 / "sst2/model/model.safetensors").read_bytes()
 
 
+def test_dev_set_epoch_selection_is_reported_as_such(pretrained, tmp_path):
+    task = {**ALL_KINDS[0], "max_train_examples": 64, "max_eval_examples": 40, "epochs": 3, "select_best_epoch": True}
+    result, output = finetune(tmp_path, pretrained, [task])
+    summary = json.loads((output / "sst2/task.json").read_text())
+    assert result.stats["sst2/selected_epoch"] == summary["selected_epoch"] in (1, 2, 3)
+    assert any(note.startswith("dev-set selection: epoch") for note in summary["notes"])
+    kept = sorted(p.name for p in (tmp_path / "finetune.scratch/sst2/pretrained-100/checkpoints").iterdir())
+    assert kept == ["step-12", "step-4", "step-8"]                          # one checkpoint per epoch of 4 steps
+    predictions = rows(output / "sst2")
+    assert result.stats["sst2/accuracy"] == m.accuracy([r.prediction for r in predictions], [r.gold for r in predictions])
+
+
 def test_torchrun_gives_the_in_process_result(pretrained, tmp_path):
     task = {**ALL_KINDS[0], "max_train_examples": 64, "max_eval_examples": 40}
     inprocess, out1 = finetune(tmp_path / "a", pretrained, [task], launcher="inprocess")

@@ -177,3 +177,17 @@ def test_finetuned_model_saves_and_loads_exactly(pretrained_dir: Path, tmp_path:
     assert spec == SPEC and loaded.head_spec == head("span", 2)
     assert torch.equal(loaded(ids, mask).logits, model(ids, mask).logits)
     assert set(loaded.state_dict()) >= {"encoder.wte.weight", "head.weight"}
+
+
+def test_heads_give_one_score_per_answer_and_one_pair_per_token(pretrained_dir: Path):
+    torch.manual_seed(3)
+    ids, mask = torch.randint(0, 262, (2, 3, 10)), torch.ones(2, 3, 10, dtype=torch.long)
+    choice = build_task_model(SPEC, head("choice", 1), pretrained_dir, 0.0, 0)
+    out = choice(ids, mask, labels=torch.tensor([2, 0]))
+    assert out.logits.shape == (2, 3) and out.task_loss.item() > 0         # softmax over the answers
+    assert out.loss.item() > out.task_loss.item()                          # + 0.5 * the LM loss (GPT-1)
+    span = build_task_model(SPEC, head("span", 2), pretrained_dir, 0.0, 0)
+    padded = mask[:, :1].clone()
+    padded[1, 0, 6:] = 0
+    logits = span(ids[:, :1], padded).logits
+    assert logits.shape == (2, 10, 2) and (logits[1, 6:] < -1e3).all()     # padding never starts or ends a span

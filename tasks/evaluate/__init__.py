@@ -25,6 +25,7 @@ def external_inputs(config: EvaluateConfig) -> dict[str, Any]:
 # The pipeline seed never matters: `seed` in the config fixes the few-shot draws, so ablations trained
 # with different seeds are judged on the same prompts.
 STAGE = Stage(name="evaluate", version=VERSION, config=EvaluateConfig, run=deferred("tasks.evaluate.stage:run"),
-              reads=("pretrain", "tokenizer"), external_inputs=external_inputs)
+              reads=("pretrain", "tokenizer"), external_inputs=external_inputs,
+              headline=("aggregate/core", "heldout/*/bpb"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "EvaluateConfig", "HeldoutConfig", "TaskSpec", "external_inputs", "run"]

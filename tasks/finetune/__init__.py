@@ -22,11 +22,12 @@ def data_file_signatures(config: FinetuneConfig) -> dict[str, Any]:
     signatures: dict[str, Any] = {}
     for task in config.tasks:
         if task.kind == "wiki_topic":
+            from tasks.datasets.base import DatasetError
             from tasks.datasets.wiki_topic import summaries_path
 
             try:
                 signatures[task.name] = [file_signature(summaries_path(task.language))]
-            except Exception as err:         # not installed: the stage run names it; the plan still works
+            except DatasetError as err:      # not installed: the stage run names it; the plan still works
                 signatures[task.name] = [f"unavailable: {err}"]
             continue
         signatures[task.name] = [path if path.startswith(HUB_PREFIX) else file_signature(path)

@@ -7,8 +7,9 @@ A fine-tuned model directory holds
     config.json         the encoder's `ModelSpec` (with the fine-tuning dropout and any task-token rows)
     head.json           the `HeadSpec`: head kind, labels, layout, task-token ids
 
-so `load_finetuned` rebuilds it exactly, and a GPT's language model is `encoder.*` with the prefix
-dropped (`GPT(spec)` loads it strictly).
+so `load_finetuned` rebuilds it exactly, and `encoder_weights` gives the encoder alone, under the keys
+`GPT(spec)` / `BertModel(spec)` load strictly (a fine-tuned GPT is still a language model: export and
+generate can use it; its padded vocabulary may hold the task-token rows, which sampling never draws).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tasks.models.layers import INIT_STD
 from tasks.models.pretrained import model_directory, read_weights
 
 HEAD_FILE = "head.json"
+ENCODER_PREFIX = "encoder."
 ENCODERS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BertModel}
 EMBEDDING = "wte.weight"             # GPT's token embedding: task tokens add rows to it
 
@@ -77,6 +79,14 @@ def save_finetuned(directory: Path, model: TaskModel | dict[str, torch.Tensor], 
     write_model(directory, state, spec)
     head.write(directory / HEAD_FILE)
     return directory
+
+
+def encoder_weights(directory: Path | str) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """(the encoder's spec, its weights without the `encoder.` prefix) of a fine-tuned model directory."""
+    directory = Path(directory)
+    spec = ModelSpec.read(directory / CONFIG_FILE)
+    state = safetensors.torch.load_file(directory / MODEL_FILE)
+    return spec, {key[len(ENCODER_PREFIX):]: value for key, value in state.items() if key.startswith(ENCODER_PREFIX)}
 
 
 def load_finetuned(directory: Path | str, device: torch.device | str = "cpu") -> tuple[TaskModel, ModelSpec]:

@@ -187,23 +187,18 @@ def take_fraction(ordered: list[Any], fraction: float) -> list[Any]:
 def load_task(task: TaskConfig, seed: int, bad: BadRowCounter) -> TaskData:
     """The task's training and evaluation examples, labels and metrics."""
     if task.kind == "wiki_topic":
-        data = _wiki_topic(task, bad)
-    else:
-        train = read_file(task, task.train, bad)
-        if task.split is not None:
-            train, carved = carve(train, task)
-            if not train or not carved:
-                raise StageError(f"task {task.name!r}: carving {task.train} ({len(train) + len(carved)} usable rows) "
-                                 f"left {len(train)} to train on and {len(carved)} to evaluate; change "
-                                 "split.eval_fraction or give an eval file")
-            evals = {task.name: carved}
-            notes = [f"evaluation set carved out of {task.train}: {task.split.eval_fraction:.0%} of its keys by a "
-                     f"salted hash (seed {task.split.seed})"]
-        else:
-            evals = _eval_files(task, bad)
-            notes = []
-        data = _shape(task, train, evals, notes)
-    return _limit(data, task, seed)
+        return _limit(_wiki_topic(task, bad), task, seed)
+    train = read_file(task, task.train, bad)
+    if task.split is None:
+        return _limit(_shape(task, train, _eval_files(task, bad), []), task, seed)
+    train, carved = carve(train, task)
+    if not train or not carved:
+        raise StageError(f"task {task.name!r}: carving {task.train} ({len(train) + len(carved)} usable rows) left "
+                         f"{len(train)} to train on and {len(carved)} to evaluate; change split.eval_fraction or give "
+                         "an eval file")
+    note = (f"evaluation set carved out of {task.train}: {task.split.eval_fraction:.0%} of its keys by a salted hash "
+            f"(seed {task.split.seed})")
+    return _limit(_shape(task, train, {task.name: carved}, [note]), task, seed)
 
 
 def _eval_files(task: TaskConfig, bad: BadRowCounter) -> dict[str, list[Any]]:

@@ -307,8 +307,9 @@ def task_summary(job: Job, main: RunResult) -> dict[str, Any]:
                "eval_examples": {n: len(p.examples) for n, p in job.evals.items()}, "counts": counts,
                "notes": job.data.notes, **main.info}
     if "selected_epoch" in main.info:
-        summary["notes"] = [*job.data.notes, f"dev-set selection: epoch {main.info['selected_epoch']} scored best on "
-                            f"{next(iter(job.evals))} and is the one reported"]
+        selection = (f"dev-set selection: epoch {main.info['selected_epoch']} scored best on "
+                     f"{next(iter(job.evals))} and is the one reported")
+        summary["notes"] = [*job.data.notes, selection]
     return summary
 
 

@@ -12,13 +12,13 @@ import torch
 from storage.formats import ModelSpec
 from tasks.datasets.conll import TaggedSentence
 from tasks.datasets.squad import SquadAnswer, SquadExample
-from tasks.finetune.checkpoint import build_task_model, load_finetuned, save_finetuned
+from tasks.finetune.checkpoint import build_task_model, encoder_weights, load_finetuned, save_finetuned
 from tasks.finetune.data import BadRowCounter, TaskData, TextExample
 from tasks.finetune.encode import IGNORE, BertLayout, GptLayout, Specials, token_spans
 from tasks.finetune.features import Features
 from tasks.finetune.model import HeadSpec
 from tasks.finetune.prepare import Preparer, QaSettings, window_starts
-from tasks.models import build_model
+from tasks.models import GPT, build_model
 from tasks.models.files import write_model
 
 GPT_IDS = Specials(start=300, delim=301, extract=302, pad=256)        # start/delim/extract: rows past the vocab
@@ -177,6 +177,10 @@ def test_finetuned_model_saves_and_loads_exactly(pretrained_dir: Path, tmp_path:
     assert spec == SPEC and loaded.head_spec == head("span", 2)
     assert torch.equal(loaded(ids, mask).logits, model(ids, mask).logits)
     assert set(loaded.state_dict()) >= {"encoder.wte.weight", "head.weight"}
+    lm_spec, weights = encoder_weights(tmp_path / "ft")
+    language_model = GPT(lm_spec)
+    language_model.load_state_dict(weights, strict=True)                  # what export and generate can load
+    assert torch.equal(language_model.wte.weight, model.encoder.wte.weight)
 
 
 def test_heads_give_one_score_per_answer_and_one_pair_per_token(pretrained_dir: Path):

@@ -71,13 +71,14 @@ def model_spec(arch: str, preset: str, vocabulary) -> ModelSpec:
 
 
 def prepared_sst2(arch: str, spec: ModelSpec, encoding, train_rows: int):
-    task = FinetuneConfig.model_validate({"tasks": [{"name": "sst2", "kind": "glue", "train": str(SST2 / "train.head5000.tsv"),
-                                                     "eval": str(SST2 / "dev.tsv"),
-                                                     "max_train_examples": train_rows}]}).tasks[0]
+    section = {"name": "sst2", "kind": "glue", "train": str(SST2 / "train.head5000.tsv"), "eval": str(SST2 / "dev.tsv"),
+               "max_train_examples": train_rows}
+    task = FinetuneConfig.model_validate({"tasks": [section]}).tasks[0]
     data = load_task(task, 0, BadRowCounter())
     hyper = resolve(task, spec)
     if arch == "gpt":      # GPT-1's task tokens on the unused rows after the vocabulary
-        specials = Specials(spec.vocab_size, spec.vocab_size + 1, spec.vocab_size + 2, spec.special_tokens["<|endoftext|>"])
+        first = spec.vocab_size
+        specials = Specials(first, first + 1, first + 2, spec.special_tokens["<|endoftext|>"])
     else:
         ids = spec.special_tokens
         specials = Specials(ids["[CLS]"], ids["[SEP]"], ids["[SEP]"], ids["[PAD]"])
@@ -97,7 +98,8 @@ def build(arch: str, spec: ModelSpec, task, train, evaluation, head, precision: 
     loop = LoopConfig(name="bench", run_dir=str(directory), seed=0, max_steps=steps, sequences_per_rank=plan.per_rank,
                       micro_batch=None, optim=OptimConfig(lr=1e-4, min_lr_ratio=0.0, warmup_steps=0, decay="linear"),
                       precision=precision, device="auto", progress=False, eval_every=0, log_every=10 ** 6)
-    train_path, eval_path = str(train.features.save(directory / "train.npz")), str(evaluation.features.save(directory / "eval.npz"))
+    train_path = str(train.features.save(directory / "train.npz"))
+    eval_path = str(evaluation.features.save(directory / "eval.npz"))
     extra = 128 if arch == "gpt" and spec.padded_vocab_size - spec.vocab_size < 3 else 0
     worker = WorkerSpec(loop=loop, base=spec, head=head, dropout=0.1, extra_rows=extra, pretrained_dir=None,
                         train_features=train_path, eval_features=eval_path)
@@ -204,7 +206,8 @@ def main() -> None:
             row = run_one(arch, args.preset or f"{arch}-nano", precision, steps, 2000, encoding, vocabulary)
             print(f"{row['preset']:<12}{precision:<6}{row['examples_per_s']:>12.1f}{row['plain_examples_per_s']:>12.1f}"
                   f"{row['ratio']:>8.2f}{row['eval_examples_per_s']:>12.1f}{row['plain_eval_examples_per_s']:>12.1f}"
-                  f"{row['eval_ratio']:>8.2f}" + (f"  peak {row['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in row else ""))
+                  f"{row['eval_ratio']:>8.2f}" + (f"  peak {row['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in row
+                                                  else ""))
     print(f"peak RSS of this process: {peak_rss_mb():.0f} MB (ratio = lmforge / plain; goal >= 0.95)")
 
 

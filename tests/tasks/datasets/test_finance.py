@@ -34,7 +34,8 @@ def test_phrasebank_is_latin1():
 
 def test_phrasebank_bad_rows(tmp_path):
     path = tmp_path / "fpb.txt"
-    path.write_bytes("Good news .@positive\nNo label here\nOdd .@bullish\n @neutral\nFine .@negative\n".encode("latin-1"))
+    text = "Good news .@positive\nNo label here\nOdd .@bullish\n @neutral\nFine .@negative\n"
+    path.write_bytes(text.encode("latin-1"))
     found = []
     examples = read_phrasebank(path, found.append)
     assert [e.label for e in examples] == ["positive", "negative"] and [e.id for e in examples] == ["1", "5"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -56,7 +57,8 @@ def test_fingerprint_sees_data_files_and_output_fields_only(tmp_path):
     assert topic[0].endswith("summaries_en-us.json") and len(topic[2]) == 64
     assert data_file_signatures(config({**SST2, "train": "hf:nyu-mll/glue"}))["data"]["sst2"][0] == "hf:nyu-mll/glue"
     # knobs that change nothing stay out of the fingerprint
-    assert config(SST2, progress=False, log_every=3, launcher="torchrun").output_fields() == config(SST2).output_fields()
+    quiet = config(SST2, progress=False, log_every=3, launcher="torchrun")
+    assert quiet.output_fields() == config(SST2).output_fields()
     assert config(SST2).output_fields() != config({**SST2, "lr": 1e-4}).output_fields()
 
 
@@ -64,3 +66,17 @@ def test_the_declaration_imports_no_torch():
     code = "import sys, tasks.finetune; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("recipe", ["configs/demo.yaml", "configs/glue.yaml", "configs/finance.yaml"])
+def test_the_recipes_validate_and_name_files_that_exist(recipe):
+    from flows.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[3]
+    section = load_recipe(str(root / recipe)).finetune
+    paths = [p for task in section.tasks for p in task.data_paths()]
+    assert all((root / p).is_file() for p in paths), [p for p in paths if not (root / p).is_file()]
+    if recipe.endswith("glue.yaml"):
+        assert {t.name for t in section.tasks} == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    if recipe.endswith("finance.yaml"):
+        assert all(t.sample_efficiency and t.sample_efficiency.fractions == [0.1, 0.2, 0.5, 1.0] for t in section.tasks)

@@ -58,7 +58,8 @@ def test_each_task_is_a_nested_mlflow_run_of_the_stage_run(built):
     _, ws, _ = built
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
-    stage = next(r for r in runs if r.data.tags.get("lmforge.stage") == "finetune" and "lmforge.task" not in r.data.tags)
+    stage = next(r for r in runs if r.data.tags.get("lmforge.stage") == "finetune"
+                 and "lmforge.task" not in r.data.tags)
     tasks = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id]
     assert sorted(r.data.tags["lmforge.task"] for r in tasks) == ["rte", "sst2"]
     assert all(r.info.status == "FINISHED" and "accuracy" in r.data.metrics for r in tasks)

@@ -26,7 +26,7 @@ from tasks.finetune.conlleval import conll_scores
 from tasks.finetune.squad_eval import squad_scores
 
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-GLUE, SQUAD = DATA / "glue", DATA / "squad"
+GLUE, SQUAD, FOMC = DATA / "glue", DATA / "squad", DATA / "finance" / "fomc_hawkish_dovish"
 FAST = {"epochs": 1, "lr": 1e-3, "batch_size": 16}
 
 
@@ -47,13 +47,14 @@ ALL_KINDS = [
     {"name": "stsb", "kind": "glue", "train": str(GLUE / "stsb/train.tsv"), "eval": str(GLUE / "stsb/dev.tsv"),
      "max_train_examples": 200, "max_eval_examples": 60, **FAST},
     {"name": "mnli", "kind": "glue", "train": str(GLUE / "mnli/dev_matched.head5.tsv"),
-     "eval": {"m": str(GLUE / "mnli/dev_matched.head5.tsv"), "mm": str(GLUE / "mnli/dev_mismatched.head5.tsv")}, **FAST},
+     "eval": {"m": str(GLUE / "mnli/dev_matched.head5.tsv"), "mm": str(GLUE / "mnli/dev_mismatched.head5.tsv")},
+     **FAST},
     {"name": "squad2", "kind": "squad", "train": str(SQUAD / "dev-v2.0-subset.json"), "split": {"eval_fraction": 0.3},
      "max_train_examples": 120, "max_eval_examples": 80, "max_query_length": 24, **FAST},
     {"name": "ner", "kind": "conll", "train": str(DATA / "ner/conll2003-valid.txt"),
      "eval": str(DATA / "ner/conll2003-test.txt"), "max_train_examples": 200, "max_eval_examples": 80, **FAST},
-    {"name": "fomc", "kind": "fomc", "train": str(DATA / "finance/fomc_hawkish_dovish/lab-manual-combine-train-5768.csv"),
-     "eval": str(DATA / "finance/fomc_hawkish_dovish/lab-manual-combine-test-5768.csv"), "max_train_examples": 200,
+    {"name": "fomc", "kind": "fomc", "train": str(FOMC / "lab-manual-combine-train-5768.csv"),
+     "eval": str(FOMC / "lab-manual-combine-test-5768.csv"), "max_train_examples": 200,
      "max_eval_examples": 120, **FAST},
 ]
 
@@ -175,7 +176,8 @@ def test_dev_set_epoch_selection_is_reported_as_such(pretrained, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "finetune.scratch/sst2/pretrained-100/checkpoints").iterdir())
     assert kept == ["step-12", "step-4", "step-8"]                          # one checkpoint per epoch of 4 steps
     predictions = rows(output / "sst2")
-    assert result.stats["sst2/accuracy"] == m.accuracy([r.prediction for r in predictions], [r.gold for r in predictions])
+    assert result.stats["sst2/accuracy"] == m.accuracy([r.prediction for r in predictions],
+                                                       [r.gold for r in predictions])
 
 
 def test_torchrun_gives_the_in_process_result(pretrained, tmp_path):
@@ -190,7 +192,8 @@ def test_bad_rows_are_counted_with_file_and_line(pretrained, tmp_path):
     lines = (GLUE / "sst2/dev.tsv").read_text().splitlines()
     broken = tmp_path / "sst2" / "dev.tsv"
     broken.parent.mkdir()
-    broken.write_text("\n".join([lines[0], *lines[1:40], "no tab here", lines[40] + "\textra", "a film .\t7", "\t1"]) + "\n")
+    bad = ["no tab here", lines[40] + "\textra", "a film .\t7", "\t1"]    # lines 41-44
+    broken.write_text("\n".join([lines[0], *lines[1:40], *bad]) + "\n")
     fpb = tmp_path / "fpb.txt"
     fpb.write_bytes(b"".join(b"Profit rose %d .@positive\nno separator\nLoss widened %d .@negative\n" % (i, i)
                              for i in range(20)))

@@ -288,7 +288,8 @@ def ui(workspace: WorkspaceOpt = None,
     serve_uis(Workspace.at(workspace), host, prefect_port, mlflow_port)
 
 
-StageDirArg = Annotated[Path, typer.Argument(help="a pretrain output (workspace/stages/pretrain/<fp>) or model folder")]
+StageDirArg = Annotated[Path, typer.Argument(help="a pretrain output (workspace/stages/pretrain/<fp>), a finetune "
+                        "task folder (stages/finetune/<fp>/<task>) or a model folder")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option(help="the tokenizer stage's output (default: found "
                          "through the workspace records)")]
 

@@ -3,8 +3,9 @@
     export(stage_dir, out)                # GPT -> GPT2LMHeadModel, BERT -> BertForPreTraining/BertForMaskedLM
     generate(stage_dir, prompts, Sampling(max_new_tokens=64), sys.stdout)    # KV-cached, streamed
 
-`stage_dir` is a pretrain output (or its `model/`, or a `checkpoints/step-N/`); its tokenizer is found
-through the workspace's `_SUCCESS.json` records, or named with `tokenizer=`.
+`stage_dir` is a pretrain output (or its `model/`, or a `checkpoints/step-N/`), or a finetune output's
+task folder (a fine-tuned GPT is used as its language model); its tokenizer is found through the
+workspace's `_SUCCESS.json` records, or named with `tokenizer=`.
 """
 from __future__ import annotations
 

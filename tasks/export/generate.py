@@ -22,7 +22,6 @@ from tasks.export.source import ModelSource, resolve_source
 from tasks.models import GPT
 from tasks.models.gpt import sample_next
 from tasks.models.layers import KVCache
-from tasks.models.pretrained import load_pretrained
 from tasks.tokenizer import load_encoding
 from tasks.training.runtime import choose_device
 
@@ -78,14 +77,11 @@ class Generator:
     """A GPT and its tokenizer, loaded once for many prompts; one seeded random stream for all of them."""
 
     def __init__(self, source: ModelSource, device: str = "auto", sampling: Sampling = Sampling()) -> None:
-        if source.spec.arch != "gpt":
-            raise StageError(f"{source.model_dir}: a {source.spec.arch.upper()} (masked LM) does not generate "
-                             "text left to right; generate needs a GPT")
         try:
             self.device = choose_device(device, 0)
         except RuntimeError as err:
             raise StageError(str(err)) from None
-        self.model, _ = load_pretrained(source.model_dir, self.device, source.tokenizer_dir)
+        self.model = source.load_gpt(self.device)
         self.encoding = load_encoding(source.tokenizer_dir)
         self.sampling = sampling
         self.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)

@@ -28,13 +28,16 @@ from storage.formats import ModelSpec
 from storage.stage import StageError
 from tasks.export.source import ModelSource
 from tasks.models.files import MODEL_FILE
-from tasks.models.pretrained import read_weights
 from tasks.tokenizer.files import read_vocabulary
 from tasks.tokenizer.hf import hf_tokenizer
 
 EOT = "<|endoftext|>"
 BERT_SPECIALS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]", "pad_token": "[PAD]",
                  "unk_token": "[UNK]"}
+
+
+FINETUNED_BERT = ("it is a fine-tuned BERT task model: its encoder has no masked-LM head and its task head "
+                  "(head.json) no HF class here; export the pretrain output it was fine-tuned from")
 
 
 class ExportError(StageError):
@@ -44,12 +47,12 @@ class ExportError(StageError):
 def export_hf(source: ModelSource, out: Path | str) -> Path:
     """Writes the HF folder at `out` (new or empty), through a temporary sibling renamed into place."""
     spec, out = source.spec, Path(out)
-    refusal = unsupported(spec)
+    refusal = unsupported(spec) or (source.finetuned and spec.arch == "bert" and FINETUNED_BERT)
     if refusal:
         raise ExportError(f"{source.model_dir}: cannot export to Hugging Face format: {refusal}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder; choose a new output folder")
-    weights = read_weights(source.model_dir / MODEL_FILE, "cpu")
+    weights = source.weights()
     tensors = gpt_tensors(weights, spec) if spec.arch == "gpt" else bert_tensors(weights, spec)
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir(parents=True)

@@ -196,3 +196,46 @@ def test_the_tokenizer_is_found_through_the_workspace_records(tmp_path, lm):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == tinylm.VOCAB_SIZE
     with pytest.raises(StageError, match="not inside a committed stage output .* pass --tokenizer DIR"):
         find_tokenizer(lm.pretrain)
+
+
+def finetuned_gpt(root: Path, lm: tinylm.TinyLM) -> Path:
+    """A GPT fine-tuned task model as the finetune stage writes it: encoder.* + head.*, three task-token rows."""
+    from tasks.finetune.checkpoint import build_task_model, save_finetuned
+    from tasks.finetune.model import HeadSpec
+
+    _, base = load_pretrained(lm.pretrain, "cpu", lm.tokenizer)
+    tokens = {"start": 512, "delim": 513, "extract": 514}          # new ids past the 512-id vocabulary
+    head = HeadSpec(task="topic", kind="classify", family="gpt", n_outputs=3, labels=["a", "b", "c"], form="single",
+                    max_length=64, task_tokens=tokens, pad_id=encoding_of(lm).eot_token, init="pretrained")
+    torch.manual_seed(0)
+    model = build_task_model(base, head, lm.pretrain, dropout=0.0, extra_rows=3)
+    return save_finetuned(root / "topic" / "model", model, model.encoder.spec, head)
+
+
+def encoding_of(lm: tinylm.TinyLM):
+    return load_encoding(lm.tokenizer)
+
+
+def test_a_fine_tuned_gpt_exports_and_generates_as_its_language_model(tmp_path, lm, encoding):
+    import io
+
+    from tasks.export import Sampling, generate
+
+    ws = Workspace(tmp_path / "ws")
+    commit(ws, "tokenizer", "tok000000001", lm.tokenizer, {})
+    staged = tmp_path / "staged"
+    finetuned_gpt(staged, lm)
+    finetune = commit(ws, "finetune", "fin000000001", staged, {"tokenizer": ("tokenizer", "tok000000001")})
+    with pytest.raises(StageError, match=r"holds one model per task \(topic\); name one"):
+        export(finetune, tmp_path / "hf")
+    out = export(finetune / "topic", tmp_path / "hf")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ours, spec = load_pretrained(lm.pretrain, "cpu", lm.tokenizer)     # not trained further: the same LM
+    ids = torch.tensor([encoding.encode_ordinary(REAL_TEXTS[0])[:64]])
+    with torch.no_grad():
+        assert theirs.transformer.wte.weight.shape[0] == spec.vocab_size        # task-token rows left out
+        assert (theirs(ids).logits - ours(ids).logits[..., : spec.vocab_size]).abs().max() < 1e-4
+    texts = [io.StringIO(), io.StringIO()]
+    for folder, text in zip((finetune / "topic" / "model", lm.pretrain), texts):
+        generate(folder, ["The city"], Sampling(max_new_tokens=12, seed=2), text, tokenizer=lm.tokenizer)
+    assert texts[0].getvalue() == texts[1].getvalue()

@@ -241,10 +241,14 @@ def serve(files: Annotated[list[Path], typer.Argument(help="recipes (a `schedule
 @app.command()
 def demo(workspace: WorkspaceOpt = None, verbose: VerboseOpt = False) -> None:
     """Run the offline demo recipe (configs/demo.yaml) on the bundled Wikipedia summaries."""
+    from storage.workspace import resolve_workspace
+
     recipe = REPO_ROOT / "configs" / "demo.yaml"
     if not recipe.is_file():
         _fail(f"{recipe} not found: run the demo from a checkout of lmforge")
-    _run_pipeline(_load(recipe, None), workspace, None, None, None, verbose)
+    ws = resolve_workspace(workspace)         # where the user is; the recipe's data paths are the checkout's
+    os.chdir(REPO_ROOT)
+    _run_pipeline(_load(recipe, None), ws, None, None, None, verbose)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.stages import STAGES
+from flows.stages import PIPELINE_ORDER, STAGES
 from storage.catalog import Catalog
 from storage.workspace import Workspace
 
@@ -91,7 +91,13 @@ def _table(grid: str, runs: list[tuple], by_output: dict[tuple[str, str], dict[s
             if metric not in metrics:
                 metrics.append(metric)
             cells.setdefault((variant, metric), Cell()).values.append(value)
-    return Comparison(grid, variants, metrics, cells)
+    return Comparison(grid, variants, sorted(metrics, key=_pipeline_position), cells)
+
+
+def _pipeline_position(metric: str) -> int:
+    """Metrics follow the pipeline (a variant without curate must not push curate's rows to the end)."""
+    stage = metric.split("/", 1)[0]
+    return PIPELINE_ORDER.index(stage) if stage in PIPELINE_ORDER else len(PIPELINE_ORDER)
 
 
 def render(table: Comparison, fmt: str) -> str:

@@ -6,9 +6,10 @@ GPT and BERT presets (2 layers, 64 wide) or `--preset`, built as the stage build
 speed does not depend on the weights).
 
 - Training: the real trainer's step (`Trainer.train_step`, world size 1: its prefetch thread,
-  accumulation, clipping, AdamW) against a plain loop (forward, backward, clip, AdamW step) on an
-  identical copy of the model, fed the same micro-batches; one step of each in turn, so a shared
-  machine's load falls on both alike. Examples/s at the median step.
+  accumulation, clipping, AdamW) against a plain loop (make the micro-batches, forward, backward,
+  clip, AdamW step) on an identical copy of the model, over the same micro-batches; one step of each
+  in turn (the pair's order alternating), so a shared machine's load falls on both alike.
+  Examples/s at the median step.
 - Evaluation: the stage's `feature_logits` (longest-first batches) against a plain loop over the
   evaluation set in file order, the same batch size.
 - Memory: peak RSS of this process; on CUDA the peak allocated memory of each side.
@@ -126,27 +127,44 @@ def sync(device: torch.device) -> None:
 
 
 def train_throughput(trainer: Trainer, precision: str, steps: int) -> dict[str, float]:
-    """Paired steps: lmforge's train_step, then the plain loop on a copy of the model, same micro-batches."""
+    """Paired steps: lmforge's train_step and the plain loop on a copy of the model, same micro-batches.
+
+    The pair's order alternates (ABBA): on a CPU the first of two back-to-back steps on different
+    weights is measurably slower (bf16 weight packing, caches), which would otherwise favour one side.
+    """
     device, batch = trainer.env.device, trainer.cfg.sequences_per_rank
     plain = copy.deepcopy(trainer.model)
     optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01)
     ours_batches = trainer.train_batches()
     plain_batches = trainer.objective.train_batches(0, 1, trainer.micro_batch, None)
     ours, reference = [], []
+
+    def ours_step(step: int) -> None:
+        ours.append(timed(lambda: trainer.train_step(step, ours_batches), device))
+
+    def plain_once() -> None:       # a plain loop makes its batches in the loop: timed with the step
+        reference.append(timed(lambda: plain_step(plain, optimizer, [next(plain_batches).arrays
+                                                                    for _ in range(trainer.accum)], device,
+                                                  precision), device))
+
     for step in range(1, steps + 1):
-        sync(device)
-        start = time.perf_counter()
-        trainer.train_step(step, ours_batches)
-        sync(device)
-        ours.append(time.perf_counter() - start)
-        micro = [next(plain_batches).arrays for _ in range(trainer.accum)]
-        start = time.perf_counter()
-        plain_step(plain, optimizer, micro, device, precision)
-        sync(device)
-        reference.append(time.perf_counter() - start)
+        if step % 2:
+            ours_step(step)
+            plain_once()
+        else:
+            plain_once()
+            ours_step(step)
     ours_batches.close()
-    ours_s, ref_s = statistics.median(ours[1:]), statistics.median(reference[1:])    # the first step warms up
+    ours_s, ref_s = statistics.median(ours[2:]), statistics.median(reference[2:])    # the first steps warm up
     return {"examples_per_s": batch / ours_s, "plain_examples_per_s": batch / ref_s, "ratio": ref_s / ours_s}
+
+
+def timed(work, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()

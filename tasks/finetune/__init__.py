@@ -37,6 +37,7 @@ def data_file_signatures(config: FinetuneConfig) -> dict[str, Any]:
 
 # The seed always matters: it draws the head's initial weights, the data order and dropout.
 STAGE = Stage(name="finetune", version=VERSION, config=FinetuneConfig, run=deferred("tasks.finetune.stage:run"),
-              reads=("pretrain", "tokenizer"), seed_matters=always, external_inputs=data_file_signatures)
+              reads=("pretrain", "tokenizer"), seed_matters=always, external_inputs=data_file_signatures,
+              headline=("*/accuracy", "*/matthews_corrcoef", "*/pearson", "*/f1", "*/exact"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "FinetuneConfig", "data_file_signatures", "run"]

@@ -8,10 +8,15 @@ column: its examples have `label=None`.
 
 Labels keep the type they have in the files: `int` for 0/1 tasks (CoLA, SST-2, MRPC, QQP, WNLI),
 `str` class names for MNLI, QNLI, RTE, `float` scores in [0, 5] for STS-B.
+
+The Hugging Face `nyu-mll/glue` layout (`<task>/<split>-*.parquet`, columns such as `sentence`,
+`premise`/`hypothesis`, an integer `label` that is -1 in test splits, `idx`) reads into the same
+examples, its class indices mapped to the TSV files' class names.
 """
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,6 +84,14 @@ GLUE_TASKS: dict[str, GlueTask] = {task.name: task for task in (
     GlueTask("ax", ("sentence1",), ("sentence2",), labels=("entailment", "neutral", "contradiction")),
 )}
 ID_COLUMNS = ("index", "id")
+# nyu-mll/glue's Parquet columns (text a, text b) per task; its labels are class indices in `labels` order.
+HF_TEXT_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"), "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+    "ax": ("premise", "hypothesis"),
+}
+log = logging.getLogger(__name__)
 
 
 def glue_task(path: Path | str, task: str | None = None) -> GlueTask:
@@ -104,6 +117,9 @@ def iter_glue(path: Path | str, task: str | None = None, on_bad: OnBad = None) -
     spec = glue_task(path, task)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        yield from _parquet_examples(path, spec, on_bad)
+        return
     csv.field_size_limit(sys.maxsize)
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -154,6 +170,8 @@ def _layout(path: Path, spec: GlueTask, header: list[str]) -> _Columns:
     if text_a is None:
         raise DatasetError(f"{path}:1: no {spec.name} text column in header {header} "
                            f"(expected one of {list(spec.text_a)})")
+    if not headerless and names[text_a] != spec.text_a[0]:
+        log.warning("%s: header column %r read as GLUE's %r (a renamed header)", path, names[text_a], spec.text_a[0])
     text_b = _index(names, spec.text_b)
     if spec.text_b and text_b is None:
         raise DatasetError(f"{path}:1: no second text column in header {header} (expected one of {list(spec.text_b)})")
@@ -187,3 +205,38 @@ def _label(path: Path, line: int, spec: GlueTask, value: str) -> Label:
     if value not in spec.labels:
         raise DatasetError(f"{path}:{line}: {spec.name} label {value!r} is not one of {list(spec.labels)}")
     return int(value) if value.isdigit() else value
+
+
+def _parquet_examples(path: Path, spec: GlueTask, on_bad: OnBad) -> Iterator[GlueExample]:
+    """Examples of a `nyu-mll/glue` Parquet file (row numbers stand in for line numbers in errors)."""
+    import pyarrow.parquet as pq
+
+    columns = HF_TEXT_COLUMNS.get(spec.name)
+    table = pq.read_table(path)
+    wanted = [c for c in (*(columns or ()), "label") if c]
+    missing = [c for c in wanted if c not in table.column_names]
+    if columns is None or missing:
+        raise DatasetError(f"{path}: not nyu-mll/glue's {spec.name} layout (missing columns {missing}; "
+                           f"has {table.column_names})")
+    ids = table["idx"].to_pylist() if "idx" in table.column_names else range(table.num_rows)
+    for row, (idx, record) in enumerate(zip(ids, table.select(wanted).to_pylist()), start=1):
+        try:
+            yield GlueExample(str(idx), record[columns[0]], record[columns[1]] if columns[1] else None,
+                              _hf_label(path, row, spec, record["label"]))
+        except DatasetError as err:
+            if on_bad is None:
+                raise
+            on_bad(BadRow(str(path), row, "unknown_label", str(err)))
+
+
+def _hf_label(path: Path, row: int, spec: GlueTask, value: int | float | None) -> Label | None:
+    """A Parquet label in the TSV files' terms: -1 (a test split) is no label, a class index its name."""
+    if value is None or value == -1:
+        return None
+    if spec.is_regression:
+        return _label(path, row, spec, str(value))
+    if not isinstance(value, int) or not 0 <= value < len(spec.labels):
+        raise DatasetError(f"{path}: row {row}: {spec.name} label {value!r} is not a class index "
+                           f"0..{len(spec.labels) - 1}")
+    name = spec.labels[value]
+    return int(name) if name.isdigit() else name

@@ -9,11 +9,15 @@ import pytest
 from tasks.datasets import GLUE_TASKS, DatasetError, glue_task, read_glue
 
 GLUE = (Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "glue").resolve()
-GLUE_FILES = sorted(GLUE.rglob("*.tsv"))
+GLUE_FILES = sorted([*GLUE.rglob("*.tsv"), *GLUE.rglob("*.parquet")])   # every format the loader reads
 
 
 def data_rows(path: Path) -> int:
     """Rows counted without the loader: non-blank lines, less the header (CoLA's train/dev have none)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
     lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
     headerless = path.parent.name == "cola" and not lines[0].startswith(b"index")
     return len(lines) - (0 if headerless else 1)
@@ -34,7 +38,7 @@ def test_every_real_glue_file_yields_one_typed_example_per_row(path):
     if task.is_regression:
         assert all(isinstance(e.label, float) and 0 <= e.label <= 5 for e in examples)
     else:
-        assert {str(e.label) for e in examples} <= set(task.labels)
+        assert {str(e.label) for e in examples if e.label is not None} <= set(task.labels)
         assert all(isinstance(e.label, int if task.labels == ("0", "1") else str) for e in examples)
 
 
@@ -105,3 +109,58 @@ def test_test_files_without_labels(tmp_path):
     rte = copy_with(tmp_path, "rte", GLUE / "rte" / "dev.tsv",
                     lambda lines: [line.rsplit("\t", 1)[0] for line in lines if line])
     assert [e.label for e in read_glue(rte)] == [None] * 277
+
+
+def test_a_renamed_header_is_read_with_a_warning(shared_data, caplog):
+    with caplog.at_level("WARNING", logger="tasks.datasets.glue"):
+        examples = read_glue(shared_data / "glue/sst2/dev.tsv")
+    assert len(examples) == 872
+    assert "header column 'text' read as GLUE's 'sentence'" in caplog.text
+    caplog.clear()
+    read_glue(shared_data / "glue/rte/dev.tsv")
+    assert "renamed header" not in caplog.text
+
+
+def hf_layout(examples, task: str, path):
+    """The examples written as nyu-mll/glue's Parquet: its column names, class indices, `idx`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.datasets.glue import GLUE_TASKS, HF_TEXT_COLUMNS
+
+    spec, (a, b) = GLUE_TASKS[task], HF_TEXT_COLUMNS[task]
+    labels = [e.label if spec.is_regression else spec.labels.index(str(e.label)) for e in examples]
+    columns = {a: [e.text_a for e in examples], "label": labels, "idx": list(range(len(examples)))}
+    if b:
+        columns[b] = [e.text_b for e in examples]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize("task, file", [("rte", "rte/dev.tsv"), ("stsb", "stsb/dev.tsv"), ("cola", "cola/dev.tsv"),
+                                        ("mnli", "mnli/dev_matched.head5.tsv"), ("mrpc", "mrpc/dev.tsv")])
+def test_the_hf_parquet_layout_reads_into_the_same_examples(shared_data, tmp_path, task, file):
+    tsv = read_glue(shared_data / "glue" / file)
+    parquet = read_glue(hf_layout(tsv, task, tmp_path / task / "validation-00000-of-00001.parquet"))
+    assert [(e.text_a, e.text_b, e.label) for e in parquet] == [(e.text_a, e.text_b, e.label) for e in tsv]
+    assert [e.id for e in parquet] == [str(i) for i in range(len(tsv))]
+
+
+def test_hf_test_splits_have_no_labels_and_bad_indices_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rte" / "test-00000-of-00001.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [-1, 7], "idx": [0, 1]}), path)
+    with pytest.raises(DatasetError, match=r"row 2: rte label 7 is not a class index 0..1"):
+        read_glue(path)
+    bad = []
+    assert [e.label for e in read_glue(path, on_bad=bad.append)] == [None]
+    assert [(b.line, b.reason) for b in bad] == [(2, "unknown_label")]
+    wrong = tmp_path / "sst2" / "train.parquet"
+    wrong.parent.mkdir()
+    pq.write_table(pa.table({"text": ["x"], "label": [1]}), wrong)
+    with pytest.raises(DatasetError, match="not nyu-mll/glue's sst2 layout"):
+        read_glue(wrong)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
+from cliutil import REPO_ROOT, SHARED_DATA, run_cli  # noqa: F401  (run_cli: the `cli` fixture)
 
 os.environ.update({"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_LOGGING_LEVEL": "WARNING"})
@@ -68,13 +67,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def run_cli(args: list[str], cwd: Path = REPO_ROOT, env: dict[str, str] | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """`lmforge ARGS` in a fresh process, as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture

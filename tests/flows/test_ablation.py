@@ -108,7 +108,7 @@ def test_a_grid_killed_midway_reruns_only_what_is_unfinished(grid: Path, tmp_pat
     import sys
     import time
 
-    from conftest import REPO_ROOT
+    from cliutil import REPO_ROOT
 
     ws = tmp_path / "ws"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ablate", str(grid), "-w", str(ws)], cwd=REPO_ROOT,
@@ -129,3 +129,23 @@ def test_a_grid_killed_midway_reruns_only_what_is_unfinished(grid: Path, tmp_pat
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     assert "RUNNING" not in {r.info.status for r in runs} and "KILLED" in {r.info.status for r in runs}
+
+
+def test_two_ablate_processes_of_one_grid_at_once_both_finish_and_build_every_stage_once(grid: Path,
+                                                                                       tmp_path: Path,
+                                                                                       prefect_api: str) -> None:
+    import subprocess
+    import sys
+
+    from cliutil import REPO_ROOT
+
+    ws = tmp_path / "ws"
+    command = [sys.executable, "-m", "flows.cli", "ablate", str(grid), "-w", str(ws)]
+    procs = [subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-3000:]
+    built = catalog_rows(ws, "select stage, fingerprint, count(*) from stage_runs where not cached group by all")
+    assert len(built) == 5 and all(count == 1 for _, _, count in built)
+    assert catalog_rows(ws, "select count(*) from ablations") == [(6,)]      # 3 variants, twice

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_cli
+from cliutil import REPO_ROOT, run_cli
 from mlflow.tracking import MlflowClient
 
 from flows.stages import catalog_views

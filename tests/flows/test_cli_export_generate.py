@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from cliutil import run_cli
 from mlflow.tracking import MlflowClient
 from test_cli import catalog_rows, run_statuses, write_recipe
 

@@ -32,7 +32,7 @@ def recipe(tmp_path_factory, shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def built(recipe, prefect_api) -> Path:
-    from conftest import run_cli
+    from cliutil import run_cli
 
     ws = recipe.parent / "ws"
     out = run_cli(["run", str(recipe), "-w", str(ws)])

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from cliutil import REPO_ROOT
 from test_cli import catalog_rows, write_recipe
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from pydantic import Field
 
-from conftest import REPO_ROOT
+from cliutil import REPO_ROOT
 from flows.recipe import PipelineConfig
 from flows.stages import REGISTRY, STAGES, catalog_views, input_stages, stage_configs_model
 from storage.configbase import StrictModel

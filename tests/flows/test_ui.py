@@ -12,7 +12,7 @@ import urllib.request
 
 import psutil
 
-from conftest import REPO_ROOT
+from cliutil import REPO_ROOT
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, prefect_api) -> tuple[Path, Path, str]:
-    from conftest import run_cli
+    from cliutil import run_cli
 
     root = tmp_path_factory.mktemp("pipeline")
     recipe = root / "ft.yaml"

@@ -64,13 +64,10 @@ def test_evaluate_results_reach_the_catalog_mlflow_and_a_prefect_table(built):
         stats["heldout/wikitext-2_test.txt/bpb"])
     assert "results.json" in {a.path for a in client.list_artifacts(evaluate.info.run_id)}
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from cliutil import read_artifact
 
-    with get_client(sync_client=True) as prefect:
-        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-results"])))
-    table = json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
-    assert found[0].type == "table" and [row["name"] for row in table] == [
+    kind, table = read_artifact("evaluate-results")
+    assert kind == "table" and [row["name"] for row in table] == [
         "heldout/wikitext-2_test.txt", "arc_easy", "winogrande", "unscramble", "aggregate"]
 
 

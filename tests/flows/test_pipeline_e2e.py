@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from cliutil import read_artifact
 from test_cli import catalog_rows, run_statuses, write_recipe
 
 STAGES = ["ingest", "curate", "dedup", "tokenizer", "shard", "pretrain"]
@@ -78,23 +79,17 @@ def test_mlflow_shows_nested_stage_runs_and_the_loss_curve(built):
     assert {a.path for a in client.list_artifacts(pretrain.info.run_id)} >= {"model", "samples.txt"}
 
 
-def read_artifact(key: str) -> tuple[str, object]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    assert artifacts, f"no Prefect artifact {key!r}"
-    data = artifacts[0].data
-    return artifacts[0].type, json.loads(data) if artifacts[0].type == "table" and isinstance(data, str) else data
+def stage_prefixes(ws: Path, stage: str) -> tuple[str, ...]:
+    """Artifact description prefixes of every build of `stage` in this workspace."""
+    return tuple(f"{stage} {p.name}" for p in (ws / "stages" / stage).iterdir() if p.is_dir())
 
 
 def test_the_run_publishes_prefect_artifacts(built):
-    kind, funnel = read_artifact("curate-stats")
+    kind, funnel = read_artifact("curate-stats", stage_prefixes(built, "curate"))
     assert kind == "table" and any(row["counter"].startswith("funnel/") for row in funnel)
-    kind, training = read_artifact("pretrain-training")
+    kind, training = read_artifact("pretrain-training", stage_prefixes(built, "pretrain"))
     assert kind == "table" and training[-1]["step"] == 12 and "val_loss" in training[-1]
-    kind, links = read_artifact("mlflow-runs")
+    kind, links = read_artifact("mlflow-runs", "tiny: ")
     assert kind == "markdown" and "- pretrain: [" in links and "/#/experiments/" in links
 
 

@@ -69,12 +69,10 @@ def test_each_task_is_a_nested_mlflow_run_of_the_stage_run(built):
 
 
 def test_the_glue_table_is_a_prefect_markdown_artifact(built):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from cliutil import read_artifact
 
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-glue"])))
-    assert found and found[0].type == "markdown" and "| SST-2 |" in found[0].data and "| RTE |" in found[0].data
+    kind, markdown = read_artifact("finetune-glue")
+    assert kind == "markdown" and "| SST-2 |" in markdown and "| RTE |" in markdown
 
 
 def test_a_rerun_reuses_the_finetune_output(built, cli):

@@ -22,7 +22,8 @@ from pydantic import Field, field_validator, model_validator
 from storage.configbase import StrictModel
 
 Init = Literal["pretrained", "random"]
-Kind = Literal["glue", "squad", "conll", "phrasebank", "fomc", "wiki_topic"]
+Kind = Literal["glue", "squad", "conll", "phrasebank", "fomc", "wiki_topic", "multiple_choice"]
+CHOICE_FORMATS = ("arc", "piqa", "hellaswag", "swag", "winogrande")
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 HUB_PREFIX = "hf:"
 QA_FIELDS = ("doc_stride", "max_query_length", "n_best", "max_answer_length", "null_threshold")
@@ -67,6 +68,10 @@ class TaskConfig(StrictModel):
     eval: str | dict[str, str] | None = Field(None, description="a file, or {suffix: file} scored as <name>-<suffix>")
     split: SplitConfig | None = Field(None, description="no eval file: carve eval out of train, seeded")
     language: str = Field("en", description="kind wiki_topic: en, es or fr")
+    format: str | None = Field(None, description="kind multiple_choice: arc, piqa, hellaswag, swag or winogrande")
+    train_labels: str | None = Field(None, description="kind multiple_choice: the train file's labels file "
+                                     "(piqa: required; winogrande: optional)")
+    eval_labels: str | None = Field(None, description="kind multiple_choice: the eval file's labels file")
     max_train_examples: int | None = Field(None, ge=1, description="a seeded subset of the training rows")
     max_eval_examples: int | None = Field(None, ge=1, description="the first N evaluation rows")
     epochs: float = Field(3.0, gt=0)
@@ -121,14 +126,42 @@ class TaskConfig(StrictModel):
             raise ValueError(f"task {self.name!r}: glue_task is a kind glue option")
         if self.language != "en" and self.kind != "wiki_topic":
             raise ValueError(f"task {self.name!r}: language is a kind wiki_topic option")
+        self._choice_fields()
         if self.select_best_epoch and self.epochs != int(self.epochs):
             raise ValueError(f"task {self.name!r}: select_best_epoch needs a whole number of epochs")
         return self
 
+    def _choice_fields(self) -> None:
+        """format and labels files belong to kind multiple_choice, and follow its format's rule."""
+        if self.kind != "multiple_choice":
+            for name in ("format", "train_labels", "eval_labels"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"task {self.name!r}: {name} is a kind multiple_choice option")
+            return
+        if self.format not in CHOICE_FORMATS:
+            raise ValueError(f"task {self.name!r}: kind multiple_choice needs format, one of {', '.join(CHOICE_FORMATS)}")
+        if isinstance(self.eval, dict):
+            raise ValueError(f"task {self.name!r}: kind multiple_choice scores one eval file")
+        if self.eval_labels and not self.eval:
+            raise ValueError(f"task {self.name!r}: eval_labels needs an eval file")
+        rule = {"piqa": "required", "winogrande": "optional"}.get(self.format, "no")
+        given = [name for name in ("train_labels", "eval_labels") if getattr(self, name)]
+        if rule == "no" and given:
+            raise ValueError(f"task {self.name!r}: {self.format} files carry their labels; remove {', '.join(given)}")
+        missing = [name for name, path in (("train_labels", self.train), ("eval_labels", self.eval))
+                   if path and not getattr(self, name)]
+        if rule == "required" and missing:
+            raise ValueError(f"task {self.name!r}: {self.format} keeps its labels in a separate file: "
+                             f"set {', '.join(missing)}")
+
+    def labels_file(self, path: str) -> str | None:
+        """The labels file of data file `path` (kind multiple_choice), if any."""
+        return self.train_labels if path == self.train else self.eval_labels if path == self.eval else None
+
     def data_paths(self) -> list[str]:
-        """The task's data files as given (hub names included)."""
+        """The task's data files as given (hub names included), labels files too."""
         evals = list(self.eval.values()) if isinstance(self.eval, dict) else [self.eval] if self.eval else []
-        return [p for p in (self.train, *evals) if p]
+        return [p for p in (self.train, *evals, self.train_labels, self.eval_labels) if p]
 
 
 class FinetuneConfig(StrictModel):

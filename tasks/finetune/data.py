@@ -8,6 +8,10 @@
 | phrasebank | Financial PhraseBank `sentence@lab` | single                    | accuracy, f1_macro            |
 | fomc       | FOMC CSV                            | single                    | f1_weighted, accuracy         |
 | wiki_topic | the installed wiki summaries        | single                    | accuracy, f1_macro            |
+| multiple_choice | ARC, PIQA, HellaSwag, SWAG, WinoGrande (`tasks.datasets.multiple_choice`) | choice | accuracy |
+
+A multiple-choice task trains one head over a fixed number of answers: the number most items of
+its training file have (ARC: 4); an item with another count is counted as `choice_count`, not padded.
 
 Bad rows are counted per reason (`on_bad`); a task left with no usable rows fails naming its file.
 Torch-free.
@@ -15,6 +19,7 @@ Torch-free.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ from tasks.datasets.base import DatasetError
 from tasks.datasets.conll import TaggedSentence, read_conll, tag_labels
 from tasks.datasets.finance import FOMC_LABELS, PHRASEBANK_LABELS, read_fomc, read_phrasebank
 from tasks.datasets.glue import GLUE_TASKS, GlueExample, GlueTask, glue_task, read_glue
+from tasks.datasets.multiple_choice import ChoiceItem, read_choice_file
 from tasks.datasets.squad import SquadExample, read_squad
 from tasks.datasets.wiki_topic import DEFAULT_TEST_FRACTION, TOPICS, read_wiki_topic, split_wiki_topic, summaries_path
 from tasks.finetune.config import HUB_PREFIX, TaskConfig
@@ -55,8 +61,9 @@ class TaskData:
 
     name: str
     kind: str
-    form: str                          # single, pair, similarity, qa, tagging
-    labels: list[Any]                  # class labels in head order (tags for tagging; empty: regression, qa)
+    form: str                          # single, pair, similarity, qa, tagging, choice
+    labels: list[Any]                  # class labels in head order (tags for tagging; answer indices for
+                                       # choice; empty: regression, qa)
     metrics: tuple[str, ...]           # the official metric(s) first
     train: list[Any]
     evals: dict[str, list[Any]]        # output folder name -> examples
@@ -131,6 +138,16 @@ def _conll_reader(path: Path, on_bad: OnBad) -> list[TaggedSentence]:
     return read_conll(path, on_bad)
 
 
+def _choice_reader(task: TaskConfig, path: str) -> Callable[[Path, OnBad], list[ChoiceItem]]:
+    def read(local: Path, on_bad: OnBad) -> list[ChoiceItem]:
+        labels = task.labels_file(path)
+        result = read_choice_file(task.format, local, check_local(task, labels) if labels else None)
+        for row in result.bad:
+            on_bad(BadRow(row.path, row.line, row.reason, row.detail))
+        return result.items
+    return read
+
+
 READERS = {"phrasebank": _text_reader(read_phrasebank), "fomc": _text_reader(read_fomc),
            "squad": _squad_reader, "conll": _conll_reader}
 
@@ -138,7 +155,8 @@ READERS = {"phrasebank": _text_reader(read_phrasebank), "fomc": _text_reader(rea
 def read_file(task: TaskConfig, path: str, bad: BadRowCounter) -> list[Any]:
     """The usable examples of one file; none at all is an error naming the file."""
     local = check_local(task, path)
-    reader = _glue_reader(task) if task.kind == "glue" else READERS[task.kind]
+    reader = _glue_reader(task) if task.kind == "glue" else _choice_reader(task, path) \
+        if task.kind == "multiple_choice" else READERS[task.kind]
     try:
         examples = reader(local, bad)
     except DatasetError as err:
@@ -158,6 +176,8 @@ def split_key(example: Any) -> str:
         return example.context
     if isinstance(example, TaggedSentence):
         return " ".join(example.tokens)
+    if isinstance(example, ChoiceItem):
+        return "\t".join(example.contexts + example.continuations)
     return example.text_a + "\t" + (example.text_b or "")
 
 
@@ -190,7 +210,7 @@ def load_task(task: TaskConfig, seed: int, bad: BadRowCounter) -> TaskData:
         return _limit(_wiki_topic(task, bad), task, seed)
     train = read_file(task, task.train, bad)
     if task.split is None:
-        return _limit(_shape(task, train, _eval_files(task, bad), []), task, seed)
+        return _limit(_shape(task, train, _eval_files(task, bad), [], bad), task, seed)
     train, carved = carve(train, task)
     if not train or not carved:
         raise StageError(f"task {task.name!r}: carving {task.train} ({len(train) + len(carved)} usable rows) left "
@@ -198,7 +218,7 @@ def load_task(task: TaskConfig, seed: int, bad: BadRowCounter) -> TaskData:
                          "an eval file")
     note = (f"evaluation set carved out of {task.train}: {task.split.eval_fraction:.0%} of its keys by a salted hash "
             f"(seed {task.split.seed})")
-    return _limit(_shape(task, train, {task.name: carved}, [note]), task, seed)
+    return _limit(_shape(task, train, {task.name: carved}, [note], bad), task, seed)
 
 
 def _eval_files(task: TaskConfig, bad: BadRowCounter) -> dict[str, list[Any]]:
@@ -217,7 +237,8 @@ def _wiki_topic(task: TaskConfig, bad: BadRowCounter) -> TaskData:
                     {task.name: test}, [note])
 
 
-def _shape(task: TaskConfig, train: list[Any], evals: dict[str, list[Any]], notes: list[str]) -> TaskData:
+def _shape(task: TaskConfig, train: list[Any], evals: dict[str, list[Any]], notes: list[str],
+           bad: BadRowCounter) -> TaskData:
     """Form, labels and metrics of a kind read from files."""
     if task.kind == "squad":
         allow_null = any(e.is_impossible for e in train) or any(e.is_impossible for ex in evals.values() for e in ex)
@@ -232,7 +253,30 @@ def _shape(task: TaskConfig, train: list[Any], evals: dict[str, list[Any]], note
     if task.kind == "fomc":
         return TaskData(task.name, task.kind, "single", list(FOMC_LABELS), ("f1_weighted", "accuracy", "f1_macro"),
                         train, evals, notes)
+    if task.kind == "multiple_choice":
+        return _choice(task, train, evals, notes, bad)
     return _glue(task, train, evals, notes)
+
+
+def _choice(task: TaskConfig, train: list[ChoiceItem], evals: dict[str, list[ChoiceItem]], notes: list[str],
+            bad: BadRowCounter) -> TaskData:
+    """A fixed number of answers (the training file's most common count); other items are counted, not used."""
+    n_choices = Counter(len(item.choices) for item in train).most_common(1)[0][0]
+
+    def keep(items: list[ChoiceItem], path: str) -> list[ChoiceItem]:
+        for item in items:
+            if len(item.choices) != n_choices:
+                bad(BadRow(path, item.line, "choice_count", f"item {item.id}: {len(item.choices)} answers, "
+                           f"the task's head scores {n_choices}"))
+        kept = [item for item in items if len(item.choices) == n_choices]
+        if not kept:
+            raise StageError(f"task {task.name!r}: {path} has no item with {n_choices} answers")
+        return kept
+
+    eval_path = task.eval if isinstance(task.eval, str) else task.train
+    notes = [*notes, f"{task.format}: {n_choices} answers per item, each read as a (context, answer) pair"]
+    return TaskData(task.name, f"multiple_choice/{task.format}", "choice", list(range(n_choices)), ("accuracy",),
+                    keep(train, task.train), {name: keep(items, eval_path) for name, items in evals.items()}, notes)
 
 
 def _glue(task: TaskConfig, train: list[Any], evals: dict[str, list[Any]], notes: list[str]) -> TaskData:

@@ -67,8 +67,9 @@ class Layout:
     def similarity(self, a: list[int], b: list[int]) -> Encoded:
         return self.pair(a, b)
 
-    def choices(self, context: list[int], answers: list[list[int]]) -> Encoded:
-        encoded = [self.pair(context, answer) for answer in answers]
+    def choices(self, pairs: list[tuple[list[int], list[int]]]) -> Encoded:
+        """One `pair(context, answer)` sequence per answer (contexts may differ: WinoGrande's options)."""
+        encoded = [self.pair(context, answer) for context, answer in pairs]
         segments = [e.segments[0] for e in encoded] if encoded[0].segments else None
         return Encoded([e.sequences[0] for e in encoded], segments, truncated=any(e.truncated for e in encoded))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from tasks.datasets.badrows import BadRow
 from tasks.datasets.conll import TaggedSentence
+from tasks.datasets.multiple_choice import ChoiceItem
 from tasks.datasets.squad import SquadExample
 from tasks.finetune.data import BadRowCounter, TaskData, TextExample
 from tasks.finetune.encode import IGNORE, Encoded, Layout, token_spans
@@ -69,6 +70,8 @@ class Preparer:
             return self._qa(examples, training, bad, source)
         if form == "tagging":
             return self._tagging(examples)
+        if form == "choice":
+            return self._choices(examples)
         return self._texts(examples)
 
     # ---- classification and regression ------------------------------------------------------
@@ -92,6 +95,20 @@ class Preparer:
 
     def _label(self, label: Any) -> int | float:
         return float(label) if self.data.regression else self.data.labels.index(label)
+
+    # ---- multiple choice -----------------------------------------------------------------------
+
+    def _choices(self, items: list[ChoiceItem]) -> Prepared:
+        """One (context, answer) sequence per answer; the label is the right answer's index."""
+        counts, encoded = Counter(), []
+        for item in items:
+            contexts = self.encoding.encode_ordinary_batch(list(item.contexts))
+            answers = self.encoding.encode_ordinary_batch(list(item.continuations))
+            choice = self.layout.choices(list(zip(contexts, answers)))
+            choice.label = item.label
+            counts["truncated"] += choice.truncated
+            encoded.append(choice)
+        return Prepared(Features.build(encoded, "class"), None, items, counts)
 
     # ---- tagging -------------------------------------------------------------------------------
 

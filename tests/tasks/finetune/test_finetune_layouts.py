@@ -32,7 +32,7 @@ def test_gpt1_transformations():
     assert gpt.single([1, 2, 3]).sequences == [[300, 1, 2, 3, 302]]
     assert gpt.pair([1, 2], [7, 8]).sequences == [[300, 1, 2, 301, 7, 8, 302]]           # premise delim hypothesis
     assert gpt.similarity([1, 2], [7]).sequences == [[300, 1, 2, 301, 7, 302], [300, 7, 301, 1, 2, 302]]  # both orders
-    choices = gpt.choices([5, 6], [[7], [8, 9]])
+    choices = gpt.choices([([5, 6], [7]), ([5, 6], [8, 9])])
     assert choices.sequences == [[300, 5, 6, 301, 7, 302], [300, 5, 6, 301, 8, 9, 302]]  # one sequence per answer
     assert gpt.single([1, 2, 3]).segments is None                                         # GPT has no segments
     item, first_context, null = gpt.qa([4, 5], [9, 9, 9])

@@ -56,6 +56,9 @@ ALL_KINDS = [
     {"name": "fomc", "kind": "fomc", "train": str(FOMC / "lab-manual-combine-train-5768.csv"),
      "eval": str(FOMC / "lab-manual-combine-test-5768.csv"), "max_train_examples": 200,
      "max_eval_examples": 120, **FAST},
+    {"name": "arc", "kind": "multiple_choice", "format": "arc",
+     "train": str(DATA / "multiple_choice/arc_easy/ARC-Easy-Dev.jsonl"),
+     "split": {"eval_fraction": 0.3}, "max_train_examples": 120, "max_eval_examples": 60, **FAST},
 ]
 
 
@@ -79,7 +82,7 @@ def rows(folder: Path) -> list:
 def test_every_task_writes_metrics_official_first_and_stats(every_kind):
     result, output, _, _ = every_kind
     expected = {"sst2": "accuracy", "stsb": "pearson", "mnli-m": "accuracy", "mnli-mm": "accuracy", "squad2": "exact",
-                "ner": "f1", "fomc": "f1_weighted"}
+                "ner": "f1", "fomc": "f1_weighted", "arc": "accuracy"}
     for folder, official in expected.items():
         metrics = TaskMetrics.read(output / folder / "metrics.json").root
         assert next(iter(metrics)) == official, folder
@@ -107,6 +110,10 @@ def test_scores_recompute_from_the_predictions(every_kind):
     fomc = rows(output / "fomc")
     assert TaskMetrics.read(output / "fomc/metrics.json").root["f1_weighted"] == \
         pytest.approx(m.f1_weighted([r.prediction for r in fomc], [r.gold for r in fomc]))
+    arc = rows(output / "arc")
+    assert len(arc) == 60 and {r.prediction for r in arc} <= {0, 1, 2, 3}
+    assert TaskMetrics.read(output / "arc/metrics.json").root["accuracy"] == \
+        m.accuracy([r.prediction for r in arc], [r.gold for r in arc])
 
 
 def test_squad_writes_the_official_files_for_every_question(every_kind):
@@ -147,7 +154,7 @@ def test_each_task_has_a_nested_mlflow_run_with_its_learning_curve(every_kind):
     experiment = client.get_run(stage_run).info.experiment_id
     runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{stage_run}'")
     by_task = {r.data.tags["lmforge.task"]: r for r in runs}
-    assert set(by_task) == {"sst2", "stsb", "mnli", "squad2", "ner", "fomc"}
+    assert set(by_task) == {"sst2", "stsb", "mnli", "squad2", "ner", "fomc", "arc"}
     sst2 = by_task["sst2"]
     assert sst2.info.status == "FINISHED" and sst2.data.tags["lmforge.stage"] == "finetune"
     assert {"lmforge.pid", "lmforge.host"} <= set(sst2.data.tags)
@@ -277,11 +284,11 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> fx.Pretrained:
 
 def test_bert_reads_cls_pairs_spans_and_tags(bert, tmp_path):
     tasks = [{**t, "max_train_examples": 48, "max_eval_examples": 24} for t in ALL_KINDS if t["name"] in
-             ("sst2", "stsb", "squad2", "ner")]
+             ("sst2", "stsb", "squad2", "ner", "arc")]
     result, output = finetune(tmp_path, bert, tasks)
-    for name in ("sst2", "stsb", "squad2", "ner"):
+    for name in ("sst2", "stsb", "squad2", "ner", "arc"):
         model, spec = load_finetuned(output / name / "model")
         assert spec.arch == "bert" and model.head_spec.family == "bert" and model.head_spec.task_tokens == {}
         assert json.loads((output / name / "task.json").read_text())["hyperparameters"]["lm_weight"] == 0.0
     assert len(json.loads((output / "squad2/predictions.json").read_text())) == 24
-    assert {"sst2/accuracy", "stsb/pearson", "squad2/exact", "ner/f1"} <= set(result.stats)
+    assert {"sst2/accuracy", "stsb/pearson", "squad2/exact", "ner/f1", "arc/accuracy"} <= set(result.stats)

@@ -152,13 +152,19 @@ READERS = {"phrasebank": _text_reader(read_phrasebank), "fomc": _text_reader(rea
            "squad": _squad_reader, "conll": _conll_reader}
 
 
+def _reader(task: TaskConfig, path: str) -> Callable[[Path, OnBad], list[Any]]:
+    if task.kind == "glue":
+        return _glue_reader(task)
+    if task.kind == "multiple_choice":
+        return _choice_reader(task, path)
+    return READERS[task.kind]
+
+
 def read_file(task: TaskConfig, path: str, bad: BadRowCounter) -> list[Any]:
     """The usable examples of one file; none at all is an error naming the file."""
     local = check_local(task, path)
-    reader = _glue_reader(task) if task.kind == "glue" else _choice_reader(task, path) \
-        if task.kind == "multiple_choice" else READERS[task.kind]
     try:
-        examples = reader(local, bad)
+        examples = _reader(task, path)(local, bad)
     except DatasetError as err:
         raise StageError(f"task {task.name!r}: {err}") from None
     if not examples:

@@ -1,4 +1,4 @@
-"""The `lmforge` command line: run, plan, demo, catalog, ui."""
+"""The `lmforge` command line: run, plan, demo, catalog, ablate, compare, dashboard, ui."""
 from __future__ import annotations
 
 import os
@@ -215,6 +215,28 @@ def compare(grid: Annotated[str, typer.Argument(help="the grid's name (its `name
         _fail(str(err), code=1)
     write_parquet(ws, table)
     typer.echo(render(table, fmt))
+
+
+@app.command()
+def dashboard(grid: Annotated[Optional[str], typer.Argument(help="an ablation grid's name (default: the latest "
+                                                             "pipeline run)")] = None,
+              workspace: WorkspaceOpt = None,
+              out: Annotated[Optional[Path], typer.Option(help="where to write the page (default: "
+                             "ablations/<grid>/dashboard.html or dashboards/latest.html in the workspace)")] = None,
+              serve_: Annotated[bool, typer.Option("--serve", help="serve the page on 127.0.0.1")] = False,
+              port: Annotated[int, typer.Option(help="with --serve (0: any free port)")] = 8050) -> None:
+    """One self-contained HTML page comparing a grid's variants (or the latest run): funnel, data, loss, scores."""
+    from dashboards.build import publish, serve as serve_page
+    from dashboards.queries import NothingToShowError
+    from storage.workspace import Workspace, resolve_workspace
+
+    try:
+        path = publish(Workspace(resolve_workspace(workspace)), grid, out)
+    except NothingToShowError as err:
+        _fail(str(err), code=1)
+    typer.echo(f"dashboard: {path}  (open it in a browser; it needs no network)")
+    if serve_:
+        serve_page(path, port)
 
 
 @app.command()

@@ -1,0 +1,130 @@
+"""The top of the page: which variant won on the judged score, and what its data looked like.
+
+The judged score is the first the runs have of: held-out bits per byte (lower is better; comparable
+across tokenizers), the evaluate stage's centered aggregate (higher is better), or pretrain's final
+validation loss (lower is better, with a warning: each variant has its own validation split).
+"""
+from __future__ import annotations
+
+import html
+import statistics
+from dataclasses import dataclass
+
+from dashboards.charts import Palette
+from dashboards.queries import RunRef, Selection
+
+
+@dataclass(frozen=True)
+class Judge:
+    metric: str            # "evaluate/heldout/wikitext-2_test/bpb", ...
+    label: str             # "bits per byte on wikitext-2_test"
+    lower_is_better: bool
+    caveat: str = ""
+
+
+@dataclass(frozen=True)
+class Standing:
+    variant: str
+    mean: float
+    std: float
+    seeds: int
+
+
+def choose_judge(selection: Selection) -> Judge | None:
+    """The score the variants are ranked by (see the module docstring), or None when no run has one."""
+    names = {f"{ref.stage}/{name}" for run in selection.runs for ref in run.stages.values() for name in ref.stats}
+    bpb = sorted(n for n in names if n.startswith("evaluate/heldout/") and n.endswith("/bpb"))
+    if bpb:
+        return Judge(bpb[0], f"bits per byte on {bpb[0].split('/')[2]}", True)
+    if "evaluate/aggregate/core" in names:
+        return Judge("evaluate/aggregate/core", "centered zero-shot aggregate", False)
+    if "pretrain/final_val_loss" in names:
+        return Judge("pretrain/final_val_loss", "final validation loss", True,
+                     "each variant is scored on its own validation split; add an evaluate stage for a fair judge")
+    return None
+
+
+def standings(selection: Selection, judge: Judge) -> list[Standing]:
+    """Variants from best to worst on the judged score (mean over seeds)."""
+    stage, name = judge.metric.split("/", 1)
+    values: dict[str, list[float]] = {}
+    for run in selection.runs_with(stage):
+        if name in run.stages[stage].stats:
+            values.setdefault(run.variant, []).append(run.stages[stage].stats[name])
+    rows = [Standing(v, statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs))
+            for v, xs in values.items()]
+    return sorted(rows, key=lambda s: s.mean if judge.lower_is_better else -s.mean)
+
+
+def data_facts(run: RunRef) -> dict[str, float | None]:
+    """What the variant trained on: documents kept, training tokens, epochs over them, bytes per token."""
+    def stat(stage: str, name: str) -> float | None:
+        return run.stages[stage].stats.get(name) if stage in run.stages else None
+
+    last_doc_stage = next((s for s in ("dedup", "curate", "ingest") if s in run.stages), None)
+    return {"documents kept": stat(last_doc_stage, "docs_out") if last_doc_stage else None,
+            "training tokens": stat("shard", "tokens_train"), "epochs": stat("pretrain", "epochs"),
+            "bytes per token": stat("tokenizer", "bytes_per_token")}
+
+
+def verdict_html(selection: Selection, palette: Palette) -> str:
+    """The verdict section: the winner in one sentence, then every variant's score and data side by side."""
+    judge = choose_judge(selection)
+    if judge is None:
+        return ("<section class='verdict' id='verdict'><h2>Verdict</h2><p class='empty'>no score to judge by in "
+                "this run: no evaluate stage and no pretrain stage</p></section>")
+    ranked = standings(selection, judge)
+    sentence = _sentence(judge, ranked)
+    caveat = f"<p class='note'>{html.escape(judge.caveat)}</p>" if judge.caveat else ""
+    return (f"<section class='verdict' id='verdict'><h2>Verdict</h2><p>{sentence}</p>{caveat}"
+            f"{_table(selection, judge, ranked, palette)}</section>")
+
+
+def _sentence(judge: Judge, ranked: list[Standing]) -> str:
+    best = ranked[0]
+    direction = "lower" if judge.lower_is_better else "higher"
+    text = (f"<strong>{html.escape(best.variant)}</strong> wins on {html.escape(judge.label)} ({direction} is "
+            f"better): {best.mean:.4g}")
+    if len(ranked) > 1:
+        runner = ranked[1]
+        change = (best.mean - runner.mean) / abs(runner.mean) * 100 if runner.mean else 0.0
+        text += f" vs {runner.mean:.4g} for {html.escape(runner.variant)} ({change:+.1f}%)"
+        if max(best.seeds, runner.seeds) > 1:
+            gap, spread = abs(best.mean - runner.mean), max(best.std, runner.std)
+            text += (f"; the gap is {gap / spread:.1f}x the seed spread" if spread else "") + \
+                f", over {best.seeds} seed(s)"
+    return text + "."
+
+
+def _table(selection: Selection, judge: Judge, ranked: list[Standing], palette: Palette) -> str:
+    first_run = {}
+    for run in selection.runs:
+        first_run.setdefault(run.variant, run)
+    keys = list(data_facts(selection.runs[0]))
+    head = "".join(f"<th>{k}</th>" for k in ["rank", "variant", "what it changes", judge.label, *keys])
+    common = common_overrides(list(first_run.values()))
+    rows = [_row(i + 1, s, first_run[s.variant], common, palette) for i, s in enumerate(ranked)]
+    return f"<div class='scroll'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
+
+
+def _row(rank: int, standing: Standing, run: RunRef, common: set[str], palette: Palette) -> str:
+    changes = ", ".join(f"{k}={v}" for k, v in run.overrides.items() if k not in common) or "-"
+    score = f"{standing.mean:.4g}" + (f" ± {standing.std:.2g}" if standing.seeds > 1 else "")
+    facts = "".join(f"<td class='num'>{_fmt(v)}</td>" for v in data_facts(run).values())
+    swatch = f"<span class='swatch' style='background:{palette(standing.variant)}'></span>"
+    return (f"<tr><td>{rank}</td><td>{swatch}{html.escape(standing.variant)}</td><td>{html.escape(changes)}</td>"
+            f"<td class='num'>{score}</td>{facts}</tr>")
+
+
+def common_overrides(runs: list[RunRef]) -> set[str]:
+    """Overrides every variant sets alike are the grid's common settings (the budget), not what a variant changes."""
+    if len(runs) < 2:
+        return set()
+    first = runs[0].overrides
+    return {k for k, v in first.items() if all(run.overrides.get(k, object()) == v for run in runs[1:])}
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{int(value):,}" if value == int(value) and abs(value) >= 10 else f"{value:.3g}"

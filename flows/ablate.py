@@ -36,7 +36,15 @@ def ablation(grid: Grid, workspace: str = "./workspace", max_parallel: int = 1) 
         run_in_processes(variants, recipes, ws, max_parallel)
     table = compare_grid(ws, grid.name)
     publish_comparison(ws, grid.name, table)
+    publish_dashboard(ws, grid.name)
     return table.rows
+
+
+def publish_dashboard(ws: Workspace, grid: str) -> None:
+    """The grid's dashboard page, logged to every variant's MLflow parent run and linked from this flow run."""
+    from dashboards.build import publish
+
+    print(f"dashboard: {publish(ws, grid)}")
 
 
 def run_in_processes(variants: list[Variant], recipes: dict[str, Path], ws: Workspace, max_parallel: int) -> None:

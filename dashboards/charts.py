@@ -10,8 +10,16 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from dashboards.queries import (Band, CurvePoint, DropReason, FunnelStep, LossCurve, Score, SourceTokens,
-                                seed_band)
+from dashboards.queries import (
+    Band,
+    CurvePoint,
+    DropReason,
+    FunnelStep,
+    LossCurve,
+    Score,
+    SourceTokens,
+    seed_band,
+)
 
 # Plotly's own qualitative palette (colour-blind friendlier than random picks), then D3's.
 COLOURS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF",
@@ -171,6 +179,22 @@ def score_bars(rows: list[Score], palette: Palette, title: str, y_title: str) ->
                     hovertext=[f"{variant}: {r.mean:.4g} ± {r.std:.2g} over {len(r.values)} seed(s)" for r in mine],
                     hoverinfo="text")
     return _layout(fig, title, "metric", y_title, barmode="group")
+
+
+def score_dots(rows: list[Score], palette: Palette, title: str, y_title: str) -> go.Figure | None:
+    """Like `score_bars`, as dots on an axis fitted to the values: small gaps between large numbers stay visible."""
+    if not rows:
+        return None
+    fig = go.Figure()
+    for variant in _ordered(r.variant for r in rows):
+        mine = [r for r in rows if r.variant == variant]
+        fig.add_scatter(name=variant, x=[r.metric for r in mine], y=[r.mean for r in mine], mode="markers",
+                        marker={"color": palette(variant), "size": 14},
+                        error_y={"type": "data", "array": [r.std for r in mine], "visible": True})
+    low, high = min(r.mean - r.std for r in rows), max(r.mean + r.std for r in rows)
+    pad = max((high - low) * 0.25, abs(high) * 0.005, 1e-6)
+    fig.update_yaxes(range=[low - pad, high + pad])
+    return _layout(fig, title, "metric", y_title, scattermode="group")
 
 
 # ---- 5. sample efficiency ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import plotly.graph_objects as go
 
@@ -126,7 +126,8 @@ def _evaluate_charts(panel: Panel, selection: Selection, palette: charts.Palette
     tasks = queries.task_scores(selection, "evaluate")
     figures = [charts.score_bars(aggregate + tasks, palette, "Zero/few-shot scores (aggregate: centered, 0 = chance;"
                                  " tasks: accuracy)", "score"),
-               charts.score_bars(bpb, palette, "Held-out bits per byte (lower is better)", "bits per byte")]
+               charts.score_dots(bpb, palette, "Held-out bits per byte (lower is better; bars: seed std)",
+                                 "bits per byte")]
     panel.figures += [f for f in figures if f is not None]
 
 
@@ -236,7 +237,7 @@ def _figure_html(fig: go.Figure) -> str:
 def _document(selection: Selection, palette: charts.Palette, panels: list[Panel]) -> str:
     from plotly.offline import get_plotlyjs
 
-    built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     legend = " ".join(f"{_swatch(palette, v)}{html.escape(v)}" for v in selection.variants)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -76,7 +76,8 @@ def verdict_html(selection: Selection, palette: Palette) -> str:
     ranked = standings(selection, judge)
     sentence = _sentence(judge, ranked)
     caveat = f"<p class='note'>{html.escape(judge.caveat)}</p>" if judge.caveat else ""
-    return (f"<section class='verdict' id='verdict'><h2>Verdict</h2><p>{sentence}</p>{caveat}"
+    return (f"<section class='verdict' id='verdict'><h2>Verdict</h2><p>{sentence}</p>"
+            f"{why_html(selection, ranked)}{caveat}"
             f"{_table(selection, judge, ranked, palette)}</section>")
 
 
@@ -89,11 +90,33 @@ def _sentence(judge: Judge, ranked: list[Standing]) -> str:
         runner = ranked[1]
         change = (best.mean - runner.mean) / abs(runner.mean) * 100 if runner.mean else 0.0
         text += f" vs {runner.mean:.4g} for {html.escape(runner.variant)} ({change:+.1f}%)"
-        if max(best.seeds, runner.seeds) > 1:
-            gap, spread = abs(best.mean - runner.mean), max(best.std, runner.std)
-            text += (f"; the gap is {gap / spread:.1f}x the seed spread" if spread else "") + \
-                f", over {best.seeds} seed(s)"
+        text += _noise(best, runner)
     return text + "."
+
+
+def _noise(best: Standing, runner: Standing) -> str:
+    """How the gap compares with the seed spread (within 2 standard deviations: not a clear win)."""
+    if max(best.seeds, runner.seeds) < 2:
+        return "; one seed, so the seed noise is unknown"
+    gap, spread = abs(best.mean - runner.mean), max(best.std, runner.std)
+    if not spread:
+        return f", over {best.seeds} seeds"
+    clear = "a clear gap" if gap >= 2 * spread else "within seed noise"
+    return f"; the gap is {gap / spread:.1f}x the seed spread ({clear}, {best.seeds} seeds)"
+
+
+def why_html(selection: Selection, ranked: list[Standing]) -> str:
+    """The data behind the result: the winner's documents, tokens and epochs against the runner-up's."""
+    if len(ranked) < 2:
+        return ""
+    first = {run.variant: run for run in reversed(selection.runs)}
+    best, runner = data_facts(first[ranked[0].variant]), data_facts(first[ranked[1].variant])
+    parts = [f"{name} {_fmt(best[name])} vs {_fmt(runner[name])}" for name in best
+             if best[name] is not None and runner[name] is not None and best[name] != runner[name]]
+    if not parts:
+        return ""
+    return (f"<p>Why: {html.escape(ranked[0].variant)} trained with " + "; ".join(parts)
+            + f" (against {html.escape(ranked[1].variant)}).</p>")
 
 
 def _table(selection: Selection, judge: Judge, ranked: list[Standing], palette: Palette) -> str:
@@ -108,7 +131,7 @@ def _table(selection: Selection, judge: Judge, ranked: list[Standing], palette: 
 
 
 def _row(rank: int, standing: Standing, run: RunRef, common: set[str], palette: Palette) -> str:
-    changes = ", ".join(f"{k}={v}" for k, v in run.overrides.items() if k not in common) or "-"
+    changes = ", ".join(f"{k}: {'off' if v is None else v}" for k, v in run.overrides.items() if k not in common) or "-"
     score = f"{standing.mean:.4g}" + (f" ± {standing.std:.2g}" if standing.seeds > 1 else "")
     facts = "".join(f"<td class='num'>{_fmt(v)}</td>" for v in data_facts(run).values())
     swatch = f"<span class='swatch' style='background:{palette(standing.variant)}'></span>"

@@ -32,7 +32,7 @@ def ensure_chromium() -> str:
     if os.geteuid() != 0:
         raise RuntimeError("chromium is not installed and this is not root: run `apt-get install -y chromium`")
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900,
                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         if done.returncode != 0 and command[1] == "install":
             raise RuntimeError(f"`apt-get install -y chromium` failed: {done.stderr[-2000:]}")

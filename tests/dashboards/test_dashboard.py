@@ -239,7 +239,7 @@ def test_the_grid_page_draws_every_panel_in_a_browser(built: Workspace, browser:
     assert out.returncode == 0, out.stderr[-3000:]
     html = page.read_text()
     assert "<script src=" not in html and "<link " not in html        # plotly's JavaScript is inlined
-    assert "wins on bits per byte" in html
+    assert "wins on bits per byte" in html and "Why: " in html
     panels = open_page(browser, page, tmp_path / "grid.png")
     assert list(panels) == ["funnel", "composition", "training", "evaluation", "efficiency", "facts"]
     for key in ("funnel", "composition", "training", "evaluation", "efficiency"):

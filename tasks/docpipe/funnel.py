@@ -9,6 +9,8 @@ Stats of a document stage built on these helpers:
   step whose in - out differs from its counted drops fails the stage, naming the step and the count.
 - `funnel/<NN>_<step>/<source>/in` and `.../out`: documents entering and leaving each step, per source;
   `NN` is the step's fixed place in the recipe (a disabled step is absent, the others keep their number).
+- `funnel/<NN>_<step>/<source>/bytes_in` and `.../bytes_out`: the UTF-8 bytes of their text (an
+  extractor's `bytes_in` is the HTML it read). Outputs built before these counters existed lack them.
 - `by_source/<source>/docs_in`, `by_source/<source>/docs_out`.
 - `flagged/<step>/<what>`: documents marked but kept.
 - `time_s/<NN>_<step>`: seconds spent in the step, summed over ranks.
@@ -116,6 +118,8 @@ def _step_stats(stats: dict[str, float], label: str, step: dict[str, float]) -> 
     name = _name(label)
     _per_source(stats, step, "in", f"funnel/{label}/{{}}/in")
     _per_source(stats, step, "out", f"funnel/{label}/{{}}/out")
+    _per_source(stats, step, "bytes_in", f"funnel/{label}/{{}}/bytes_in")
+    _per_source(stats, step, "bytes_out", f"funnel/{label}/{{}}/bytes_out")
     drops = _reasons(step, "dropped_")
     stats.update({f"dropped/{name}/{reason}": value for reason, value in drops.items()})
     stats.update({f"flagged/{name}/{what}": value for what, value in _reasons(step, "flagged_").items()})

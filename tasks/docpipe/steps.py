@@ -206,7 +206,10 @@ def excluded_writer(folder: str) -> DocumentParquetWriter:
 
 def _counted(step: PipelineStep, data: DocumentsPipeline, direction: str) -> DocumentsPipeline:
     for doc in data:
-        step.stat_update(f"{direction}/{source_key(doc.metadata.get('source') or 'unknown')}")
+        source = source_key(doc.metadata.get('source') or 'unknown')
+        step.stat_update(f"{direction}/{source}")
+        # bytes too: a step that drops few but long documents (or shortens them) shows in the funnel
+        step.stat_update(f"bytes_{direction}/{source}", value=len(doc.text.encode("utf-8", "replace")))
         yield doc
 
 

@@ -90,6 +90,16 @@ def test_a_filter_saying_false_without_a_reason_fails_unless_the_wrapper_knows_i
     check_accounting(stats)
 
 
+def test_each_step_counts_the_bytes_of_the_text_it_reads_and_keeps(tmp_path):
+    reasoned = FunnelFilter("03_bare", BareFalse(), str(tmp_path / "problems"), reason="id_ends_in_zero")
+    stats = run_steps(tmp_path, [("02_minhash", FunnelStep("02_minhash", DropsEveryThird())), ("03_bare", reasoned)])
+    text = [doc.text for doc in curatedata.wiki_documents("en", 30)]
+    assert stats["funnel/02_minhash/wiki_en/bytes_in"] == sum(len(t.encode("utf-8")) for t in text)
+    assert stats["funnel/02_minhash/wiki_en/bytes_out"] == stats["funnel/03_bare/wiki_en/bytes_in"]
+    assert 0 < stats["funnel/03_bare/wiki_en/bytes_out"] < stats["funnel/03_bare/wiki_en/bytes_in"]
+    check_accounting(stats)                   # byte counters are not documents: the accounting is unchanged
+
+
 def test_check_accounting_names_documents_lost_between_steps():
     stats = {"docs_in": 10, "docs_out": 6, "dropped/language/fr": 3}
     with pytest.raises(StageError, match="1 documents unaccounted for: docs_in 10 != docs_out 6 \\+ dropped 3"):

@@ -80,7 +80,7 @@ def _step_order(step: FunnelStep) -> tuple[int, str]:
 
 
 def funnel_bytes(steps: list[FunnelStep], palette: Palette) -> go.Figure | None:
-    """Megabytes of text kept after each stage (from the documents each stage wrote)."""
+    """Megabytes of text kept after each step (the funnel's byte counters; a stage's total from its documents)."""
     known = [s for s in steps if s.bytes is not None]
     if not known:
         return None
@@ -89,8 +89,9 @@ def funnel_bytes(steps: list[FunnelStep], palette: Palette) -> go.Figure | None:
         mine = [s for s in known if s.variant == variant]
         fig.add_bar(name=variant, x=[s.step for s in mine], y=[s.bytes / 1e6 for s in mine],
                     marker_color=palette(variant))
-    fig.update_xaxes(categoryorder="array", categoryarray=["ingest", "curate", "dedup"])
-    return _layout(fig, "Text kept after each stage (MB, UTF-8)", "stage", "megabytes", barmode="group")
+    order = _ordered(s.step for s in sorted(known, key=_step_order))
+    fig.update_xaxes(categoryorder="array", categoryarray=order, tickangle=-30)
+    return _layout(fig, "Text kept after each step (MB, UTF-8)", "step", "megabytes", barmode="group")
 
 
 def drop_reasons(reasons: list[DropReason], palette: Palette) -> go.Figure | None:

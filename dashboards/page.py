@@ -73,8 +73,10 @@ def funnel_panel(selection: Selection, palette: charts.Palette) -> Panel:
                                  charts.drop_reasons(queries.drop_reasons(selection), palette)) if f is not None]
     if not selection.has("curate"):
         panel.notes.append("no curate stage in this run: documents go from ingest straight to the next stage")
-    panel.notes.append("Bytes are measured where documents are written (after each stage, from its Parquet); "
-                       "the curate and dedup steps count documents, not bytes, so bytes inside a stage are not shown.")
+    missing = queries.missing_byte_counters(selection)
+    if missing:
+        panel.notes.append(f"no byte counters in {', '.join(missing)} (built before the funnel counted bytes): "
+                           "their steps show documents only; bytes after each stage come from its documents.")
     return panel
 
 
@@ -224,13 +226,15 @@ def _panel_html(panel: Panel) -> str:
     if panel.empty:
         body.append(f"<p class='empty'>{html.escape(panel.empty)}</p>")
     body += [f"<p class='note'>{html.escape(note)}</p>" for note in panel.notes]
-    body += [f"<div class='chart'>{_figure_html(fig)}</div>" for fig in panel.figures]
+    body += [f"<div class='chart'>{_figure_html(fig, f'{panel.key}-{i}')}</div>" for i, fig in enumerate(panel.figures)]
     body += panel.fragments
     return f"<section id='{panel.key}' data-panel='{panel.key}'>{''.join(body)}</section>"
 
 
-def _figure_html(fig: go.Figure) -> str:
+def _figure_html(fig: go.Figure, div_id: str) -> str:
+    """The chart's div and script; a fixed id (plotly's default is random) keeps the page reproducible."""
     return fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False, config=PLOT_CONFIG,
+                       div_id=f"chart-{div_id}",
                        default_width="100%", default_height=f"{fig.layout.height or charts.HEIGHT}px")
 
 

@@ -136,7 +136,7 @@ def one_per_variant(selection: Selection, stage: str) -> dict[str, StageRef]:
 
 # ---- 1. the curation funnel ----------------------------------------------------------------------
 
-FUNNEL_STAT = re.compile(r"^funnel/(\d+)_([^/]+)/(.+)/(in|out)$")
+FUNNEL_STAT = re.compile(r"^funnel/(\d+)_([^/]+)/(.+)/(in|out|bytes_in|bytes_out)$")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class FunnelStep:
     variant: str
     step: str          # "ingest", "curate: 03_language", ...
     docs: float
-    bytes: float | None  # text bytes kept: known at stage boundaries (the documents' Parquet), not inside a stage
+    bytes: float | None  # UTF-8 text bytes kept (None: an output built before the funnel counted bytes)
 
 
 def funnel(selection: Selection) -> list[FunnelStep]:
@@ -166,17 +166,33 @@ def _first_run_per_variant(selection: Selection) -> dict[str, RunRef]:
 
 
 def _stage_steps(variant: str, ref: StageRef, doc_bytes: dict[tuple[str, str], float]) -> list[FunnelStep]:
-    """One step per funnel counter of the stage (summed over sources); the last one carries the stage's bytes."""
-    outs: dict[str, float] = {}
-    for name, value in ref.stats.items():
-        match = FUNNEL_STAT.match(name)
-        if match and match.group(4) == "out":
-            label = f"{match.group(1)}_{match.group(2)}"
-            outs[label] = outs.get(label, 0.0) + value
-    steps = [FunnelStep(variant, f"{ref.stage}: {label}", docs, None) for label, docs in sorted(outs.items())]
+    """One step per funnel counter of the stage (summed over sources), then the stage's total."""
+    docs, text = _step_totals(ref, "out"), _step_totals(ref, "bytes_out")
+    steps = [FunnelStep(variant, f"{ref.stage}: {label}", kept, text.get(label)) for label, kept in sorted(docs.items())]
     final = FunnelStep(variant, ref.stage, ref.stats.get("docs_out", steps[-1].docs if steps else 0.0),
                        doc_bytes.get((ref.stage, ref.fingerprint)))
     return [*steps, final]
+
+
+def _step_totals(ref: StageRef, counter: str) -> dict[str, float]:
+    """Step label -> `funnel/<label>/<source>/<counter>` summed over sources."""
+    totals: dict[str, float] = {}
+    for name, value in ref.stats.items():
+        match = FUNNEL_STAT.match(name)
+        if match and match.group(4) == counter:
+            label = f"{match.group(1)}_{match.group(2)}"
+            totals[label] = totals.get(label, 0.0) + value
+    return totals
+
+
+def missing_byte_counters(selection: Selection) -> list[str]:
+    """`stage fingerprint` of curate/dedup outputs whose funnel counts documents but not bytes (built before)."""
+    missing = []
+    for ref in (r for run in selection.runs for r in run.stages.values() if r.stage in ("curate", "dedup")):
+        label = f"{ref.stage} {ref.fingerprint}"
+        if _step_totals(ref, "out") and not _step_totals(ref, "bytes_out") and label not in missing:
+            missing.append(label)
+    return missing
 
 
 def document_bytes(selection: Selection) -> dict[tuple[str, str], float]:

@@ -122,8 +122,34 @@ def test_the_funnel_follows_documents_through_every_step_and_counts_bytes(grid: 
     kept = [s.docs for s in curated]
     assert kept == sorted(kept, reverse=True)                           # a funnel only narrows
     assert curated[-1].docs == grid.runs[2].stages["dedup"].stats["docs_out"]
-    text = pq.read_table(sorted(ingest.output_dir.rglob("*.parquet")), columns=["text"]).column("text").to_pylist()
-    assert raw[0].bytes == sum(len(t.encode("utf-8")) for t in text)
+    assert raw[0].bytes == parquet_text_bytes(ingest.output_dir)
+    curate = grid.runs[2].stages["curate"]
+    last_step = [s for s in curated if s.step.startswith("curate: ")][-1]
+    assert last_step.bytes == parquet_text_bytes(curate.output_dir) > 0     # the byte counters meet the Parquet
+    assert all(s.bytes is not None for s in curated) and queries.missing_byte_counters(grid) == []
+
+
+def parquet_text_bytes(output: Path) -> int:
+    files = sorted(p for p in output.rglob("*.parquet") if "excluded" not in p.parts)
+    return sum(len(t.encode("utf-8")) for t in pq.read_table(files, columns=["text"]).column("text").to_pylist())
+
+
+def test_outputs_built_before_byte_counters_still_render_and_say_so(grid: Selection) -> None:
+    from dataclasses import replace
+
+    from dashboards.page import build_page
+
+    def without_bytes(run: queries.RunRef) -> queries.RunRef:
+        stages = {name: replace(ref, stats={k: v for k, v in ref.stats.items() if "/bytes_" not in k})
+                  for name, ref in run.stages.items()}
+        return replace(run, stages=stages)
+
+    old = Selection(grid.title, grid.grid, grid.workspace, [without_bytes(run) for run in grid.runs])
+    curate = old.runs[2].stages["curate"]
+    assert queries.missing_byte_counters(old)[0] == f"curate {curate.fingerprint}"
+    steps = [s for s in queries.funnel(old) if s.variant == "curated"]
+    assert [s.step for s in steps if s.bytes is not None] == ["ingest", "curate", "dedup"]   # from the Parquet
+    assert f"no byte counters in curate {curate.fingerprint}" in build_page(old)
 
 
 def test_drop_reasons_are_the_largest_dropped_counters(grid: Selection) -> None:
@@ -261,3 +287,37 @@ def test_a_run_that_stops_at_pretrain_shows_its_empty_states(built: Workspace, b
     assert panels["efficiency"]["empty"] == ["no finetune stage in this run"]
     assert panels["evaluation"]["charts"] == [] and panels["efficiency"]["charts"] == []
     assert "final validation loss" in page.read_text()          # the judge without an evaluate stage
+
+
+def test_serve_answers_the_page_on_loopback(built: Workspace, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.request
+
+    from cliutil import REPO_ROOT
+
+    page = tmp_path / "served.html"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "dashboard", "dash", "-w", str(built.root), "--out",
+                             str(page), "--serve", "--port", "0"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = iter(proc.stdout.readline, "")
+        url = next(line.split()[1] for line in lines if line.startswith("serving "))
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/served.html")
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            assert reply.read() == page.read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_same_runs_give_the_same_page(built: Workspace, tmp_path: Path) -> None:
+    from dashboards.build import build_dashboard
+
+    pages = [build_dashboard(built, "dash", tmp_path / f"{n}.html")[0].read_text() for n in range(2)]
+    assert without_build_time(pages[0]) == without_build_time(pages[1])
+
+
+def without_build_time(page: str) -> str:
+    import re
+
+    return re.sub(r"built \d{4}-\d\d-\d\d \d\d:\d\d UTC", "built <time>", page)

@@ -137,8 +137,8 @@ def _finetune_charts(panel: Panel, selection: Selection, palette: charts.Palette
     if not selection.has("finetune"):
         panel.notes.append("no finetune stage in this run (GLUE, SQuAD EM/F1)")
         return
-    rows = [s for s in queries.scores(selection, "finetune")]
-    squad = [s for s in rows if s.metric.rsplit("/", 1)[-1] in ("exact", "f1") and _is_squad(s)]
+    squad = [s for s in queries.scores(selection, "finetune")
+             if s.metric.rsplit("/", 1)[-1] in ("exact", "f1") and _is_squad(s)]
     others = [s for s in queries.task_scores(selection, "finetune") if not _is_squad(s)]
     figures = [charts.score_bars(others, palette, "Fine-tuning scores (each task's official metric)", "score"),
                charts.score_bars(squad, palette, "SQuAD exact match and F1 (%)", "score (%)")]

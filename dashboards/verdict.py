@@ -74,20 +74,27 @@ def verdict_html(selection: Selection, palette: Palette) -> str:
         return ("<section class='verdict' id='verdict'><h2>Verdict</h2><p class='empty'>no score to judge by in "
                 "this run: no evaluate stage and no pretrain stage</p></section>")
     ranked = standings(selection, judge)
-    sentence = _sentence(judge, ranked)
+    sentence = headline_sentence(judge, ranked)
     caveat = f"<p class='note'>{html.escape(judge.caveat)}</p>" if judge.caveat else ""
     return (f"<section class='verdict' id='verdict'><h2>Verdict</h2><p>{sentence}</p>"
             f"{why_html(selection, ranked)}{caveat}"
             f"{_table(selection, judge, ranked, palette)}</section>")
 
 
-def _sentence(judge: Judge, ranked: list[Standing]) -> str:
-    best = ranked[0]
+def leaders(ranked: list[Standing]) -> list[Standing]:
+    """The variants tied for first (the same score to 1e-9: e.g. a dedup that removed nothing)."""
+    best = ranked[0].mean
+    return [s for s in ranked if abs(s.mean - best) <= 1e-9 * max(1.0, abs(best))]
+
+
+def headline_sentence(judge: Judge, ranked: list[Standing]) -> str:
+    top = leaders(ranked)
+    names = " and ".join(f"<strong>{html.escape(s.variant)}</strong>" for s in top)
     direction = "lower" if judge.lower_is_better else "higher"
-    text = (f"<strong>{html.escape(best.variant)}</strong> wins on {html.escape(judge.label)} ({direction} is "
-            f"better): {best.mean:.4g}")
-    if len(ranked) > 1:
-        runner = ranked[1]
+    verb = "wins" if len(top) == 1 else "tie for first"
+    text = f"{names} {verb} on {html.escape(judge.label)} ({direction} is better): {top[0].mean:.4g}"
+    if len(ranked) > len(top):
+        best, runner = top[0], ranked[len(top)]
         change = (best.mean - runner.mean) / abs(runner.mean) * 100 if runner.mean else 0.0
         text += f" vs {runner.mean:.4g} for {html.escape(runner.variant)} ({change:+.1f}%)"
         text += _noise(best, runner)
@@ -107,16 +114,18 @@ def _noise(best: Standing, runner: Standing) -> str:
 
 def why_html(selection: Selection, ranked: list[Standing]) -> str:
     """The data behind the result: the winner's documents, tokens and epochs against the runner-up's."""
-    if len(ranked) < 2:
+    top = leaders(ranked)
+    if len(ranked) <= len(top):
         return ""
+    winner, loser = top[0], ranked[len(top)]
     first = {run.variant: run for run in reversed(selection.runs)}
-    best, runner = data_facts(first[ranked[0].variant]), data_facts(first[ranked[1].variant])
+    best, runner = data_facts(first[winner.variant]), data_facts(first[loser.variant])
     parts = [f"{name} {_fmt(best[name])} vs {_fmt(runner[name])}" for name in best
              if best[name] is not None and runner[name] is not None and best[name] != runner[name]]
     if not parts:
         return ""
-    return (f"<p>Why: {html.escape(ranked[0].variant)} trained with " + "; ".join(parts)
-            + f" (against {html.escape(ranked[1].variant)}).</p>")
+    return (f"<p>Why: {html.escape(winner.variant)} trained with " + "; ".join(parts)
+            + f" (against {html.escape(loser.variant)}).</p>")
 
 
 def _table(selection: Selection, judge: Judge, ranked: list[Standing], palette: Palette) -> str:

@@ -5,7 +5,7 @@ chart function returns None when it has nothing to draw; the page then shows the
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import plotly.graph_objects as go
@@ -61,15 +61,27 @@ def _ordered(values: Iterable[str]) -> list[str]:
 
 def funnel_docs(steps: list[FunnelStep], palette: Palette) -> go.Figure | None:
     """Documents kept after each step, one line of bars per variant (steps in pipeline order)."""
+    return _funnel_bars(steps, lambda s: s.docs, palette, "Documents kept after each step", "documents")
+
+
+def funnel_bytes(steps: list[FunnelStep], palette: Palette) -> go.Figure | None:
+    """Megabytes of text kept after each step (the funnel's byte counters; a stage's total from its documents)."""
+    known = [s for s in steps if s.bytes is not None]
+    return _funnel_bars(known, lambda s: s.bytes / 1e6, palette, "Text kept after each step (MB, UTF-8)", "megabytes")
+
+
+def _funnel_bars(steps: list[FunnelStep], value: Callable[[FunnelStep], float], palette: Palette, title: str,
+                 y_title: str) -> go.Figure | None:
+    """Grouped bars of `value` per funnel step, one colour per variant; None when there is no step."""
     if not steps:
         return None
     fig = go.Figure()
     for variant in _ordered(s.variant for s in steps):
         mine = [s for s in steps if s.variant == variant]
-        fig.add_bar(name=variant, x=[s.step for s in mine], y=[s.docs for s in mine], marker_color=palette(variant))
+        fig.add_bar(name=variant, x=[s.step for s in mine], y=[value(s) for s in mine], marker_color=palette(variant))
     order = _ordered(s.step for s in sorted(steps, key=_step_order))
     fig.update_xaxes(categoryorder="array", categoryarray=order, tickangle=-30)
-    return _layout(fig, "Documents kept after each step", "step", "documents", barmode="group")
+    return _layout(fig, title, "step", y_title, barmode="group")
 
 
 def _step_order(step: FunnelStep) -> tuple[int, str]:
@@ -77,21 +89,6 @@ def _step_order(step: FunnelStep) -> tuple[int, str]:
     stage_rank = ("ingest", "curate", "dedup").index(stage)
     # a stage's own total comes after its steps
     return stage_rank, step.step if ":" in step.step else step.step + ":~"
-
-
-def funnel_bytes(steps: list[FunnelStep], palette: Palette) -> go.Figure | None:
-    """Megabytes of text kept after each step (the funnel's byte counters; a stage's total from its documents)."""
-    known = [s for s in steps if s.bytes is not None]
-    if not known:
-        return None
-    fig = go.Figure()
-    for variant in _ordered(s.variant for s in known):
-        mine = [s for s in known if s.variant == variant]
-        fig.add_bar(name=variant, x=[s.step for s in mine], y=[s.bytes / 1e6 for s in mine],
-                    marker_color=palette(variant))
-    order = _ordered(s.step for s in sorted(known, key=_step_order))
-    fig.update_xaxes(categoryorder="array", categoryarray=order, tickangle=-30)
-    return _layout(fig, "Text kept after each step (MB, UTF-8)", "step", "megabytes", barmode="group")
 
 
 def drop_reasons(reasons: list[DropReason], palette: Palette) -> go.Figure | None:

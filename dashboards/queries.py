@@ -15,15 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.compare import GRID_RUNS_CTE, Cell
 from storage.catalog import Catalog
 from storage.workspace import Workspace
 
-GRID_RUNS = """
-    with runs as (
-        select a.variant, a.position, a.seed, a.run_id,
-               row_number() over (partition by a.variant, a.seed order by p.started_at desc) as newest
-        from ablations a join pipeline_runs p using (run_id)
-        where a.grid = ? and p.status = 'finished')
+GRID_RUNS = GRID_RUNS_CTE + """
     select r.variant, r.seed, r.run_id, p.mlflow_run_id, p.config, p.recipe_name
     from runs r join pipeline_runs p using (run_id)
     where r.newest = 1 order by r.position, r.variant, r.seed"""
@@ -325,11 +321,12 @@ class Score:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.values)
+        return Cell(self.values).mean
 
     @property
     def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+        """Sample standard deviation over seeds (0 with one seed), as `lmforge compare` reports it."""
+        return Cell(self.values).std
 
 
 def scores(selection: Selection, stage: str) -> list[Score]:
@@ -385,7 +382,7 @@ class CurvePoint:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.values)
+        return Cell(self.values).mean
 
 
 CURVE_STAT = re.compile(r"^(.+)/curve/([^/]+)/(\d+)/(.+)$")

@@ -7,11 +7,11 @@ validation loss (lower is better, with a warning: each variant has its own valid
 from __future__ import annotations
 
 import html
-import statistics
 from dataclasses import dataclass
 
 from dashboards.charts import Palette
 from dashboards.queries import RunRef, Selection
+from flows.compare import Cell
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,7 @@ def standings(selection: Selection, judge: Judge) -> list[Standing]:
     for run in selection.runs_with(stage):
         if name in run.stages[stage].stats:
             values.setdefault(run.variant, []).append(run.stages[stage].stats[name])
-    rows = [Standing(v, statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs))
-            for v, xs in values.items()]
+    rows = [Standing(v, Cell(xs).mean, Cell(xs).std, len(xs)) for v, xs in values.items()]
     return sorted(rows, key=lambda s: s.mean if judge.lower_is_better else -s.mean)
 
 

@@ -19,12 +19,15 @@ from storage.catalog import Catalog
 from storage.workspace import Workspace
 
 FORMATS = ("table", "csv", "json", "markdown")
-LATEST_RUNS = """
+# `runs`: a grid's finished pipeline runs; `newest = 1` marks the latest per (variant, seed). The dashboard
+# selects its runs through it too.
+GRID_RUNS_CTE = """
     with runs as (
         select a.variant, a.position, a.seed, a.run_id,
                row_number() over (partition by a.variant, a.seed order by p.started_at desc) as newest
         from ablations a join pipeline_runs p using (run_id)
-        where a.grid = ? and p.status = 'finished')
+        where a.grid = ? and p.status = 'finished')"""
+LATEST_RUNS = GRID_RUNS_CTE + """
     select r.variant, r.seed, s.stage, s.fingerprint
     from runs r join stage_runs s using (run_id)
     where r.newest = 1 and s.status = 'finished'

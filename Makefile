@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 	else \
 		$(PIP) install --quiet torch==2.13.0; \
 	fi
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,team]"
 	touch $(STAMP)
 
 install: $(STAMP)

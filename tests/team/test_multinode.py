@@ -76,19 +76,25 @@ def fake_slurm(bin_dir: Path) -> Path:
 
 
 def test_script_is_valid_bash_and_carries_the_recipe_and_options(tmp_path: Path) -> None:
-    recipe = tiny_recipe(tmp_path)
-    out = run_cli(["sbatch", str(recipe), "-w", str(tmp_path / "ws"), "--partition", "gpu", "--time", "02:00:00",
-                   "--set", "pretrain.nproc_per_node=4", "--set", "pretrain.device=cuda", "--out",
-                   str(tmp_path / "job.sbatch")])
+    # the README's command
+    out = run_cli(["sbatch", "configs/demo.yaml", "--set", "pretrain.nnodes=2", "-w", str(tmp_path / "ws"),
+                   "--partition", "gpu", "--time", "24:00:00", "--out", str(tmp_path / "pretrain.sbatch")])
     assert out.returncode == 0, out.stderr
-    script = (tmp_path / "job.sbatch").read_text()
-    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(tmp_path / "pretrain.sbatch")]).returncode == 0
+    script = (tmp_path / "pretrain.sbatch").read_text()
     directives = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")]
-    assert directives == ["--job-name=lmforge-multinode-pretrain", "--nodes=2", "--ntasks-per-node=1",
-                          "--cpus-per-task=32", "--gpus-per-node=4", "--time=02:00:00", "--partition=gpu"]
-    assert "--nproc-per-node=4" in script and "--rdzv-backend=c10d" in script
+    assert directives == ["--job-name=lmforge-demo-pretrain", "--nodes=2", "--ntasks-per-node=1",
+                          "--cpus-per-task=8", "--gpus-per-node=1", "--time=24:00:00", "--partition=gpu"]
+    assert "--nnodes=2 --nproc-per-node=1" in script and "--rdzv-backend=c10d" in script
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
     assert not (tmp_path / "ws").exists()          # writing the script builds nothing
+
+
+def test_options_reach_the_sbatch_lines(tmp_path: Path) -> None:
+    script = sbatch_script(tiny_recipe(tmp_path), ["pretrain.nproc_per_node=4", "pretrain.device=cuda"],
+                           tmp_path / "ws", SlurmOptions(cpus_per_task=20, port=29611))
+    assert "#SBATCH --cpus-per-task=20\n#SBATCH --gpus-per-node=4\n" in script and "--time" not in script
+    assert 'export RDZV_ENDPOINT="$head_node:29611"' in script and "--nproc-per-node=4" in script
 
 
 def test_a_one_node_recipe_is_refused_with_the_setting_named(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ a waiter that gives up names the holder (host, pid, command) written into the lo
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -84,8 +85,8 @@ def create_output_views(con: duckdb.DuckDBPyConnection, root: Path, views: Outpu
 # ---- the lock every access holds -------------------------------------------------------------
 
 
-class CatalogLockTimeout(RuntimeError):
-    """The catalog's lock stayed taken past the timeout; the message names its holder."""
+class CatalogLockError(RuntimeError):
+    """The catalog's lock could not be taken: held past the timeout (the message names the holder), or unsupported."""
 
 
 def lock_timeout_s() -> float:
@@ -110,11 +111,11 @@ _DEPTH: dict[str, int] = {}
 
 @contextmanager
 def catalog_lock(lock_path: Path, timeout: float) -> Iterator[None]:
-    """Holds `lock_path` exclusively (reentrant in a thread); CatalogLockTimeout after `timeout` seconds."""
+    """Holds `lock_path` exclusively (reentrant in a thread); CatalogLockError after `timeout` seconds."""
     key = str(lock_path)
     thread_lock = _THREAD_LOCKS.setdefault(key, threading.RLock())
     if not thread_lock.acquire(timeout=timeout):
-        raise CatalogLockTimeout(f"{lock_path}: another thread of this process held it for more than {timeout:g} s")
+        raise CatalogLockError(f"{lock_path}: another thread of this process held it for more than {timeout:g} s")
     try:
         if _DEPTH.get(key):
             _DEPTH[key] += 1
@@ -142,9 +143,13 @@ def _file_lock(lock_path: Path, timeout: float) -> Iterator[None]:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except OSError:               # EACCES or EAGAIN: another process holds it
-                if time.monotonic() > deadline:
-                    raise CatalogLockTimeout(_timeout_message(lock_path, timeout)) from None
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):    # e.g. ENOLCK: NFS without its lock manager
+                    raise CatalogLockError(f"cannot lock {lock_path}: {err.strerror}; on NFS the lock manager "
+                                             "(lockd, or NFSv4) must run for several machines to share a "
+                                             "workspace") from None
+                if time.monotonic() > deadline:                      # another process holds it
+                    raise CatalogLockError(_timeout_message(lock_path, timeout)) from None
                 time.sleep(0.01 + random.random() * 0.04)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utcnow().isoformat(timespec="seconds"),
                   "command": " ".join(sys.argv)[:300]}
@@ -284,7 +289,8 @@ class Catalog:
                 target = out / f"{table}.parquet"
                 con.execute(f"copy {table} to '{_sql_string(target)}' (format parquet)")
                 written.append(target)
-                statements.append(f"create or replace view {table} as select * from read_parquet('{_sql_string(target)}')")
+                statements.append(f"create or replace view {table} as select * from "
+                                  f"read_parquet('{_sql_string(target)}')")
         finally:
             con.close()
         for view, sources in (views or {}).items():

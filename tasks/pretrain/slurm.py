@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.recipe import RecipeError, apply_overrides, load_recipe, read_yaml_mapping
+from flows.recipe import apply_overrides, load_recipe, read_yaml_mapping
 from storage.workspace import Workspace
 from tasks.pretrain.stage import RUN_DIR, SPEC_FILE, worker_command
 

@@ -142,11 +142,13 @@ def test_a_lock_held_too_long_names_its_holder_and_is_freed_when_it_dies(shared_
         sum(written.values())
 
 
-def test_a_bad_lock_timeout_is_named(shared_ws: tuple[Path, dict]) -> None:
+def test_a_bad_lock_timeout_and_a_missing_query_are_named(shared_ws: tuple[Path, dict]) -> None:
     shared_ws, _ = shared_ws
     out = run_cli(["catalog", "select 1", "-w", str(shared_ws)], env={"LMFORGE_CATALOG_LOCK_TIMEOUT": "soon"})
     assert out.returncode == 1
     assert "LMFORGE_CATALOG_LOCK_TIMEOUT='soon': expected a number of seconds above 0" in out.stderr
+    out = run_cli(["catalog", "-w", str(shared_ws)])
+    assert out.returncode == 2 and "error: give a SQL query or --export DIR (one of them)" in out.stderr
 
 
 def test_another_hosts_runs_are_never_marked_killed_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,5 +201,5 @@ def test_the_export_reads_back_in_duckdb_and_pyarrow_as_lmforge_catalog_shows(sh
     # the README's one-liner, in a fresh interpreter
     readme = (f"import duckdb; con = duckdb.connect(); con.execute(open('{export}/views.sql').read()); "
               "print(con.sql('select count(*) from documents'))")
-    printed = subprocess.run([sys.executable, "-c", readme], capture_output=True, text=True, timeout=60)
+    printed = subprocess.run([sys.executable, "-c", readme], check=False, capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0 and "│            7 │" in printed.stdout, printed.stdout + printed.stderr

@@ -80,7 +80,7 @@ def test_script_is_valid_bash_and_carries_the_recipe_and_options(tmp_path: Path)
     out = run_cli(["sbatch", "configs/demo.yaml", "--set", "pretrain.nnodes=2", "-w", str(tmp_path / "ws"),
                    "--partition", "gpu", "--time", "24:00:00", "--out", str(tmp_path / "pretrain.sbatch")])
     assert out.returncode == 0, out.stderr
-    assert subprocess.run(["bash", "-n", str(tmp_path / "pretrain.sbatch")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(tmp_path / "pretrain.sbatch")], check=False).returncode == 0
     script = (tmp_path / "pretrain.sbatch").read_text()
     directives = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")]
     assert directives == ["--job-name=lmforge-demo-pretrain", "--nodes=2", "--ntasks-per-node=1",
@@ -123,8 +123,8 @@ def test_the_script_trains_on_two_nodes_through_the_c10d_rendezvous(tmp_path: Pa
     # Both "nodes" share this machine's two cores: one thread each.
     env = {**os.environ, "PATH": f"{fake_slurm(tmp_path / 'bin')}:{os.environ['PATH']}", "SRUN_LOGS": str(logs),
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[01-02]", "OMP_NUM_THREADS": "1"}
-    job = subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=400)
+    job = subprocess.run(["bash", str(tmp_path / "job.sbatch")], check=False, cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=400)
     node_logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("*.log")))
     assert job.returncode == 0, job.stderr[-3000:] + node_logs
     assert (logs / "exit_codes").read_text().split() == ["node0=0", "node1=0"]
@@ -139,6 +139,6 @@ def test_the_script_trains_on_two_nodes_through_the_c10d_rendezvous(tmp_path: Pa
     assert dict(catalog_rows(ws, f"select name, value from stage_stats where fingerprint = '{fingerprint}'"))[
         "world_size"] == 2.0
     # run again, the job finds the output built and stops before starting any node
-    again = subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+    again = subprocess.run(["bash", str(tmp_path / "job.sbatch")], check=False, cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"pretrain {fingerprint} is already built" in again.stdout, again.stderr

@@ -203,3 +203,15 @@ def test_the_export_reads_back_in_duckdb_and_pyarrow_as_lmforge_catalog_shows(sh
               "print(con.sql('select count(*) from documents'))")
     printed = subprocess.run([sys.executable, "-c", readme], check=False, capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0 and "│            7 │" in printed.stdout, printed.stdout + printed.stderr
+
+
+def test_threads_of_one_process_take_turns_and_a_holder_may_nest(tmp_path: Path) -> None:
+    """POSIX locks belong to a process: its threads queue on an in-process lock before the file lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    catalog = Catalog(tmp_path / "catalog.duckdb", lock_timeout=30)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: catalog.record_stats(f"fp{i}", "ingest", {"docs_in": i}), range(40)))
+    with catalog.locked():                              # several accesses under one hold
+        catalog.record_stats("fp-nested", "ingest", {"docs_in": 1})
+        assert catalog.query("select count(*) from stage_stats")[1] == [(41,)]

@@ -59,8 +59,7 @@ def sbatch_script(recipe: Path, overrides: list[str], workspace: Path, options: 
     return SCRIPT.format(
         name=config.name, fingerprint=fingerprint, nnodes=pretrain.nnodes, nproc=pretrain.nproc_per_node,
         sbatch="\n".join(f"#SBATCH {line}" for line in _sbatch_lines(config, options)),
-        generated=_shell(["lmforge", "sbatch", str(recipe), *[a for s in overrides for a in ("--set", s)],
-                          "-w", str(workspace)]),
+        generated=_shell(["lmforge", "sbatch", str(recipe), *_sets(overrides), "-w", str(workspace)]),
         repo=shlex.quote(str(REPO_ROOT)), workspace=shlex.quote(str(workspace)), port=options.port,
         build=_shell([*lmforge, "run", str(recipe), "--until", upstream, "-w", str(workspace), *_sets(sets)]),
         plan=_shell([*lmforge, "plan", str(recipe), "-w", str(workspace), *_sets(sets)]),
@@ -122,7 +121,7 @@ def _shell(args: list[str]) -> str:
 SCRIPT = """\
 #!/bin/bash
 # lmforge: the pretrain stage of recipe {name!r} (fingerprint {fingerprint}) on {nnodes} nodes x {nproc} workers.
-# Written by: {generated}
+# From: {generated} (and the #SBATCH options below)
 # Write it again after editing the recipe (the job checks the fingerprint and stops if it changed).
 {sbatch}
 set -euo pipefail

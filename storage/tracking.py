@@ -18,9 +18,31 @@ SECRET_NAMES = {"password", "passwd", "secret", "token", "api_key", "apikey", "a
 SECRET_SUFFIXES = ("_password", "_secret", "_token", "_api_key", "_access_key", "_secret_key")
 
 
+UI_FILE = "ui.json"     # written by `lmforge ui` while it runs (flows/ui.py)
+
+
 def tracking_uri(workspace: Path) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a sqlite store inside the workspace."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workspace) / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI` if set, else the MLflow server of a PostgreSQL-backed `lmforge ui` of this
+    workspace (its ui.json says), else a sqlite store inside the workspace."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or shared_tracking_server(workspace) or workspace_store_uri(workspace)
+
+
+def workspace_store_uri(workspace: Path) -> str:
+    """The workspace's own sqlite store (one machine, no server needed)."""
+    return f"sqlite:///{Path(workspace) / 'mlflow.db'}"
+
+
+def shared_tracking_server(workspace: Path) -> str | None:
+    """The MLflow server runs must log to, when `lmforge ui --backend` serves this workspace.
+
+    A sqlite-backed `lmforge ui` records none: runs keep writing the sqlite file it reads.
+    """
+    import json
+
+    try:
+        return json.loads((Path(workspace) / UI_FILE).read_text()).get("mlflow_tracking_uri")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def artifact_location(workspace: Path) -> str:
@@ -62,15 +84,51 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+class SharedSafeClient(MlflowClient):
+    """`MlflowClient` whose `log_inputs` survives two processes logging the same dataset at once.
+
+    MLflow's SQL store looks the dataset (experiment, name, digest) up and then inserts it; on a shared
+    PostgreSQL two runs doing so at the same moment collide on its unique key, and the loser's request
+    is rolled back whole. Sent again, it finds the winner's row and links the run to it.
+    """
+
+    def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(3):
+            try:
+                return super().log_inputs(run_id, datasets=datasets, models=models)
+            except MlflowException as err:
+                if attempt == 2 or "unique constraint" not in str(err).lower():
+                    raise
+        return None
+
+
 class Tracker:
     """A thin layer over `MlflowClient` (explicit run ids: safe from threads and subprocesses)."""
 
     def __init__(self, workspace: Path, experiment: str) -> None:
         self.uri = tracking_uri(workspace)
-        self.client = MlflowClient(self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=artifact_location(workspace) if self.uri.startswith("sqlite") else None)
+        self.client = SharedSafeClient(self.uri)
+        self.experiment_id = self._experiment_id(experiment, workspace)
+
+    def _experiment_id(self, name: str, workspace: Path) -> str:
+        """The experiment's id, created on first use; a server's default artifact root unless sqlite.
+
+        On a shared server two workspaces (no common init lock) may create it at the same moment.
+        """
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location(workspace) if self.uri.startswith("sqlite") else None)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
                   parent_run_id: str | None = None) -> str:

@@ -108,6 +108,8 @@ class Tracker:
     """A thin layer over `MlflowClient` (explicit run ids: safe from threads and subprocesses)."""
 
     def __init__(self, workspace: Path, experiment: str) -> None:
+        # with a tracking server MLflow prints "View run ... at" per ended run, between the terminal's stage lines
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = tracking_uri(workspace)
         self.client = SharedSafeClient(self.uri)
         self.experiment_id = self._experiment_id(experiment, workspace)

@@ -23,7 +23,10 @@ import psutil
 import pytest
 from cliutil import REPO_ROOT
 
+from flows.ui import plan_ui
 from storage.postgres import BackendError, parse_backend
+from storage.tracking import tracking_uri
+from storage.workspace import Workspace
 
 PASSWORD = "change-me"                        # the README's; searched for in everything lmforge prints or stores
 CREATE_ROLE = f"CREATE ROLE lmforge LOGIN CREATEDB PASSWORD '{PASSWORD}'"
@@ -141,6 +144,7 @@ def first_run(team_ui: TeamUI, shared_data: Path) -> tuple[str, str, str]:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert f"Prefect: {team_ui.prefect_api}" in out.stdout
     assert PASSWORD not in out.stdout + out.stderr
+    assert "View run" not in out.stdout                      # MLflow's per-run links would break the stage lines
     return pipeline_row(team_ui.workspace)
 
 
@@ -268,3 +272,18 @@ def test_backend_url_parsing_keeps_the_password_apart(monkeypatch: pytest.Monkey
     for bad in ("postgresql://h:5432/d", "postgresql://u@h:5432/", "mysql://u@h/d", "postgresql://u@h:notaport/d"):
         with pytest.raises(BackendError, match="--backend"):
             parse_backend(bad)
+
+
+def test_runs_log_where_the_ui_says_unless_mlflow_tracking_uri_is_set(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "ui.json").write_text(json.dumps({"prefect_api_url": "http://127.0.0.1:1/api",
+                                                  "mlflow_url": "http://127.0.0.1:1"}))
+    assert tracking_uri(tmp_path).startswith("sqlite:")          # a sqlite-backed ui: runs write its file
+    (tmp_path / "ui.json").write_text(json.dumps({"mlflow_tracking_uri": "http://127.0.0.1:1"}))
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mine:5000")
+    assert tracking_uri(tmp_path) == "http://mine:5000"
+    with pytest.raises(BackendError, match="--artifacts needs --backend"):
+        plan_ui(Workspace(tmp_path), "127.0.0.1", 4200, 5000, None, str(tmp_path / "artifacts"))

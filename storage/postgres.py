@@ -97,8 +97,9 @@ def prepare_databases(backend: Backend) -> list[str]:
                            f"ask an admin to run `createdb -O {backend.user} <name>` for "
                            f"{' and '.join(names)}, or to grant CREATEDB") from None
     except psycopg.OperationalError as err:
-        raise BackendError(f"cannot use PostgreSQL at {backend.address} as {backend.user!r}: "
-                           f"{_first_reason(str(err))}") from None
+        reason = _first_reason(str(err))
+        hint = " (lmforge reads the password from PGPASSWORD or ~/.pgpass)" if "password" in reason else ""
+        raise BackendError(f"cannot use PostgreSQL at {backend.address} as {backend.user!r}: {reason}{hint}") from None
     return missing
 
 

@@ -68,6 +68,7 @@ def pg() -> Iterator[pgfixture.PgCluster]:
     try:
         with pgfixture.postgres_cluster() as cluster:
             cluster.psql("-c", CREATE_ROLE)           # README: sudo -u postgres psql -c "CREATE ROLE ..."
+            cluster.psql("-c", "CREATE ROLE reader LOGIN PASSWORD 'reader-pw'")      # no CREATEDB
             yield cluster
     except pgfixture.PostgresUnavailable as err:
         pytest.skip(f"PostgreSQL cannot be installed here: {err}")
@@ -235,7 +236,9 @@ def test_password_is_never_shown_or_stored(team_ui: TeamUI, first_run) -> None:
     ("sqlite:///x.db", "--backend sqlite:///x.db: not a PostgreSQL URL"),
     ("postgresql://lmforge@127.0.0.1:{dead}/lmforge", "cannot use PostgreSQL at 127.0.0.1:{dead} as 'lmforge'"),
     ("postgresql://lmforge:wrong-pw@127.0.0.1:{pg}/lmforge", "password authentication failed"),
-], ids=["not-postgresql", "nothing-listens", "wrong-password"])
+    ("postgresql://reader:reader-pw@127.0.0.1:{pg}/team", "role 'reader' may not create databases; ask an admin "
+     "to run `createdb -O reader <name>` for team_prefect and team_mlflow"),
+], ids=["not-postgresql", "nothing-listens", "wrong-password", "no-createdb"])
 def test_bad_backend_fails_at_once_saying_why(pg: pgfixture.PgCluster, tmp_path: Path, url: str, says: str) -> None:
     ports = {"dead": pgfixture.free_port(), "pg": pg.port}
     started = time.time()
@@ -244,7 +247,7 @@ def test_bad_backend_fails_at_once_saying_why(pg: pgfixture.PgCluster, tmp_path:
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and says.format(**ports) in errors[0], out.stderr
-    assert "wrong-pw" not in out.stdout + out.stderr
+    assert "-pw" not in out.stdout + out.stderr                   # the URL's password, if any, is never echoed
     assert time.time() - started < 30                             # no server was started, nothing waited on
     assert not (tmp_path / "ws" / "ui.json").exists()
 

@@ -97,9 +97,12 @@ def _run_pipeline(config, workspace: Path | None, only, until, force, verbose: b
 
 def _attach_ui(ws: Path) -> None:
     """Report to the Prefect server of a `lmforge ui` running for this workspace, if there is one."""
-    from flows.ui import attach
+    from flows.ui import UIError, attach
 
-    url = attach(ws)
+    try:
+        url = attach(ws)
+    except UIError as err:
+        _fail(str(err), code=1)
     if url:
         typer.echo(f"Prefect: {url} (runs appear in its UI)")
 
@@ -241,23 +244,58 @@ def dashboard(grid: Annotated[Optional[str], typer.Argument(help="an ablation gr
 
 @app.command()
 def serve(files: Annotated[list[Path], typer.Argument(help="recipes (a `schedule:` makes them cron jobs) and grids")],
-          workspace: WorkspaceOpt = None) -> None:
+          workspace: WorkspaceOpt = None,
+          pool: Annotated[str | None, typer.Option(
+              "--pool", help="deploy to this Prefect work pool (made a process pool if missing) and return: "
+                             "`prefect worker start --pool NAME` runs them, on any machine")] = None) -> None:
     """Serve Prefect deployments of recipes and grids: scheduled runs, and runs started from the Prefect UI."""
     from flows.recipe import RecipeError
     from storage.workspace import Workspace
 
     ws = Workspace.at(workspace)
     _attach_ui(ws.root)
-    from flows.serve import deployments, serve_deployments
+    from flows.serve import PoolError, deploy_to_pool, deployments, serve_deployments
 
     try:
-        made = deployments(files, ws.root)
-    except RecipeError as err:
+        made = deployments(files, ws.root, pool)
+        if pool:
+            typer.echo(deploy_to_pool(made, pool, ws.root))
+            return
+    except (RecipeError, PoolError) as err:
         _fail(str(err))
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in made)
     typer.echo(f"serving {len(made)} deployments ({names}) for workspace {ws.root}; Ctrl-C stops serving, "
                "schedules stay active")
     serve_deployments(made)
+
+
+@app.command()
+def sbatch(recipe: Annotated[Path, typer.Argument(help="YAML recipe whose pretrain.nnodes > 1")],
+           workspace: WorkspaceOpt = None,
+           set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: a.b=value")] = None,
+           partition: Annotated[Optional[str], typer.Option(help="#SBATCH --partition")] = None,
+           time: Annotated[Optional[str], typer.Option(help="#SBATCH --time, e.g. 24:00:00")] = None,
+           gpus_per_node: Annotated[Optional[int], typer.Option(min=0, help="default: pretrain.nproc_per_node "
+                                    "(0 when pretrain.device is cpu)")] = None,
+           cpus_per_task: Annotated[Optional[int], typer.Option(min=1, help="default: 8 per torchrun worker")] = None,
+           port: Annotated[int, typer.Option(help="the c10d rendezvous port on the first node")] = 29500,
+           out: Annotated[Optional[Path], typer.Option(help="write the script here (default: print it)")] = None,
+           ) -> None:
+    """Write a Slurm batch script that pretrains RECIPE on pretrain.nnodes nodes (submit it with `sbatch`)."""
+    from flows.recipe import RecipeError
+    from storage.workspace import resolve_workspace
+    from tasks.pretrain.slurm import SlurmError, SlurmOptions, sbatch_script
+
+    options = SlurmOptions(partition, time, gpus_per_node, cpus_per_task, port)
+    try:
+        script = sbatch_script(recipe, set_ or [], resolve_workspace(workspace), options)
+    except (RecipeError, SlurmError) as err:
+        _fail(str(err))
+    if out is None:
+        typer.echo(script, nl=False)
+        return
+    out.write_text(script)
+    typer.echo(f"wrote {out}: submit it with `sbatch {out}` (the workspace must be on a filesystem every node mounts)")
 
 
 @app.command()
@@ -274,22 +312,33 @@ def demo(workspace: WorkspaceOpt = None, verbose: VerboseOpt = False) -> None:
 
 
 @app.command()
-def catalog(sql: Annotated[str, typer.Argument(help='SQL, e.g. "select * from stage_runs"')],
-            workspace: WorkspaceOpt = None) -> None:
-    """Query the workspace catalog (DuckDB) and print a table."""
+def catalog(sql: Annotated[Optional[str], typer.Argument(help='SQL, e.g. "select * from stage_runs"')] = None,
+            workspace: WorkspaceOpt = None,
+            export_: Annotated[Optional[Path], typer.Option("--export", help="write every table as Parquet and a "
+                              "views.sql recreating the views, for other tools (pandas, polars, Spark, duckdb)")] = None,
+            ) -> None:
+    """Query the workspace catalog (DuckDB) and print a table; or --export it as Parquet."""
     import duckdb
 
     from flows.stages import catalog_views
-    from storage.catalog import Catalog
+    from storage.catalog import Catalog, CatalogLockError
     from storage.workspace import resolve_workspace
 
     path = resolve_workspace(workspace) / "catalog.duckdb"
     if not path.is_file():
         _fail(f"no catalog at {path}: run a recipe first, or pass --workspace")
+    if (sql is None) == (export_ is None):
+        _fail("give a SQL query or --export DIR (one of them)")
     try:
+        if export_ is not None:
+            written = Catalog(path).export(export_, catalog_views())
+            typer.echo("\n".join(["wrote:", *(f"  {p}" for p in written)]))
+            return
         names, rows = Catalog(path).query(sql, catalog_views())
     except duckdb.Error as err:
         _fail(f"query failed: {str(err).splitlines()[0]}", code=1)
+    except (CatalogLockError, ValueError) as err:
+        _fail(str(err), code=1)
     typer.echo(format_table(names, rows))
 
 
@@ -306,12 +355,22 @@ def format_table(names: list[str], rows: list[tuple]) -> str:
 @app.command()
 def ui(workspace: WorkspaceOpt = None,
        host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless you mean it")] = "127.0.0.1",
-       prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
+       prefect_port: int = 4200, mlflow_port: int = 5000,
+       backend: Annotated[Optional[str], typer.Option(help="PostgreSQL for both servers' records: "
+                          "postgresql://user@host:port/db (databases <db>_prefect, <db>_mlflow; password in "
+                          "PGPASSWORD)", show_default=False)] = None,
+       artifacts: Annotated[Optional[str], typer.Option(help="with --backend: where MLflow keeps artifacts, a "
+                            "directory or s3://, gs://... (default: <workspace>/mlartifacts)",
+                            show_default=False)] = None) -> None:
     """Start the Prefect and MLflow UIs on 127.0.0.1 and print their addresses (Ctrl-C stops both)."""
-    from flows.ui import serve_uis
+    from flows.ui import UIError, plan_ui, serve_uis
+    from storage.postgres import BackendError
     from storage.workspace import Workspace
 
-    serve_uis(Workspace.at(workspace), host, prefect_port, mlflow_port)
+    try:
+        serve_uis(plan_ui(Workspace.at(workspace), host, prefect_port, mlflow_port, backend, artifacts))
+    except (BackendError, UIError) as err:
+        _fail(str(err), code=1)
 
 
 StageDirArg = Annotated[Path, typer.Argument(help="a pretrain output (workspace/stages/pretrain/<fp>), a finetune "

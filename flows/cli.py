@@ -413,8 +413,14 @@ def generate(stage_dir: StageDirArg,
 
 
 def main() -> None:
+    from storage.catalog import CatalogLockError
+
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    app()
+    try:
+        app()
+    except CatalogLockError as err:   # any command that reads or writes the catalog: one line, not a traceback
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

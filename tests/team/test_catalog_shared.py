@@ -135,6 +135,10 @@ def test_a_lock_held_too_long_names_its_holder_and_is_freed_when_it_dies(shared_
                          r"\(since .*\) for more than 1.5 s; .*raise LMFORGE_CATALOG_LOCK_TIMEOUT", out.stderr), \
             out.stderr
         assert time.monotonic() - started < 60
+        # every command that opens the catalog says so in one line, not a traceback
+        out = run_cli(["compare", "any-grid", "-w", str(shared_ws)], env={"LMFORGE_CATALOG_LOCK_TIMEOUT": "0.5"})
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"held by host holder-host pid {holder.pid}" in out.stderr.strip().splitlines()[-1], out.stderr
     finally:
         holder.kill()                                  # SIGKILL: the kernel releases its lock
         holder.wait()

@@ -4,11 +4,16 @@ Plain pydantic, so a recipe validates without importing datatrove.
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from storage.configbase import StrictModel
+
+# the head's GCS address, as `ray start --head` prints it (Ray Client's ray:// is not supported: the ranks
+# write to the stage's scratch, which the driver and the workers must share)
+RAY_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 
 
 class SlurmOptions(StrictModel):
@@ -26,12 +31,21 @@ class SlurmOptions(StrictModel):
 
 
 class RayOptions(StrictModel):
-    """datatrove's RayPipelineExecutor options; `address` is passed to `ray.init` (None: local/auto)."""
+    """datatrove's RayPipelineExecutor options and the cluster the stage connects to."""
 
-    address: str | None = None
+    address: str | None = Field(None, description="the Ray head's GCS host:port (`ray start --head --port`); "
+                                "unset: $RAY_ADDRESS, else a private local Ray for the stage only")
     cpus_per_task: int = Field(1, ge=1)
     mem_per_cpu_gb: float = Field(2, gt=0)
-    time_s: int | None = Field(None, gt=0)     # per-task time limit
+    time_s: int | None = Field(None, gt=0, description="per-rank time limit; a rank past it is killed and "
+                               "left incomplete (the rerun retries it)")
+
+    @field_validator("address")
+    @classmethod
+    def _host_and_port(cls, address: str | None) -> str | None:
+        if address is not None and not RAY_ADDRESS.fullmatch(address):
+            raise ValueError(f"must be the Ray head's host:port, e.g. 127.0.0.1:6379; got {address!r}")
+        return address
 
 
 class ExecutorConfig(StrictModel):

@@ -33,6 +33,7 @@ from datatrove.executor import LocalPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.executor.ray import RankWorker, RayPipelineExecutor
 from datatrove.utils.stats import MetricStats, PipelineStats
+
 from storage.stage import StageError
 from tasks.docpipe.config import RAY_ADDRESS, ExecutorConfig, RayOptions
 

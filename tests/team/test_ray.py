@@ -262,17 +262,19 @@ def test_a_killed_ray_run_resumes_its_missing_ranks_and_equals_the_local_run(ray
 # --- failures on Ray: a failing rank, a killed worker, no cluster ---------------------------------
 
 class FailWhileFlagged(PipelineStep):
-    """Raises on `rank` as long as the file `flag` exists (the bug the rerun finds fixed)."""
+    """While the file `flag` exists (the bug the rerun finds fixed): raises on rank `fails`, hangs on rank `hangs`."""
 
     name = "💥 fails while flagged"
 
-    def __init__(self, flag: str, rank: int) -> None:
+    def __init__(self, flag: str, fails: int, hangs: int = -1) -> None:
         super().__init__()
-        self.flag, self.rank = flag, rank
+        self.flag, self.fails, self.hangs = flag, fails, hangs
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        if rank == self.rank and Path(self.flag).exists():
+        if rank == self.fails and Path(self.flag).exists():
             raise RuntimeError(f"rank {rank} is broken")
+        while rank == self.hangs and Path(self.flag).exists():
+            time.sleep(0.1)
         yield from data or ()
 
 
@@ -330,20 +332,23 @@ def ray_config(address: str | None, tasks: int) -> ExecutorConfig:
     return ExecutorConfig(kind="ray", tasks=tasks, workers=2, ray={"address": address, "time_s": 60})
 
 
-def test_a_failing_rank_is_named_and_the_rerun_runs_only_it(ray_head, tmp_path):
+def test_failing_and_timed_out_ranks_are_named_and_the_rerun_runs_only_them(ray_head, tmp_path):
+    """Rank 1 raises, rank 2 hangs past executor.ray.time_s: the other ranks complete, the error names
+    both ranks and why; once fixed, the rerun runs ranks 1 and 2 only."""
     flag = tmp_path / "broken"
     flag.touch()
     logs = tmp_path / "logs"
-    config = ray_config(ray_head.address, tasks=3)
-    with pytest.raises(StageError, match=r"(?s)test: 1 of 3 tasks failed.*rank 1: RuntimeError: rank 1 is broken"):
-        run_executor(build_executor([FailWhileFlagged(str(flag), 1)], config, logs), config, "test")
-    assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000", "00002"]
+    config = ExecutorConfig(kind="ray", tasks=4, workers=2, ray={"address": ray_head.address, "time_s": 3})
+    with pytest.raises(StageError, match=r"(?s)test: 2 of 4 tasks failed.*rank 1: RuntimeError: rank 1 is broken"
+                                         r".*rank 2: did not complete.*ran past executor.ray.time_s"):
+        run_executor(build_executor([FailWhileFlagged(str(flag), 1, 2)], config, logs), config, "test")
+    assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000", "00003"]
     assert "rank 1 is broken" in json.loads((logs / "failed" / "00001.json").read_text())["traceback"]
-    stamps = {rank: (logs / "stats" / f"{rank}.json").stat().st_mtime_ns for rank in ("00000", "00002")}
+    stamps = {rank: (logs / "stats" / f"{rank}.json").stat().st_mtime_ns for rank in ("00000", "00003")}
 
     flag.unlink()
-    run_executor(build_executor([FailWhileFlagged(str(flag), 1)], config, logs), config, "test")
-    assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000", "00001", "00002"]
+    run_executor(build_executor([FailWhileFlagged(str(flag), 1, 2)], config, logs), config, "test")
+    assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000", "00001", "00002", "00003"]
     assert {rank: (logs / "stats" / f"{rank}.json").stat().st_mtime_ns for rank in stamps} == stamps
     assert not (logs / "failed" / "00001.json").exists()
 

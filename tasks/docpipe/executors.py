@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -213,7 +214,8 @@ def ray_connection(opts: RayOptions, what: str) -> Iterator[None]:
         yield
         return
     try:
-        ray.init(address=address or "local", include_dashboard=False)
+        with own_sigterm_handler():
+            ray.init(address=address or "local", include_dashboard=False)
     except Exception as err:  # ConnectionError, RuntimeError, TimeoutError: no usable cluster there
         raise StageError(f"{what}: could not connect to the Ray cluster at executor.ray.address="
                          f"{address or 'local'}: {type(err).__name__}: {err} (is it a Ray head's GCS port? if the "
@@ -222,6 +224,19 @@ def ray_connection(opts: RayOptions, what: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()  # disconnects; a private instance is stopped with it
+
+
+@contextmanager
+def own_sigterm_handler() -> Iterator[None]:
+    """Keeps this process's SIGTERM handler across `ray.init`, which installs its own and keeps it after
+    `ray.shutdown`: `lmforge run` must still end KILLED on SIGTERM (flows.cli) after a pass on Ray."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_on_ray(executor: PipelineExecutor, opts: RayOptions, what: str) -> None:

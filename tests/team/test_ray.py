@@ -403,8 +403,10 @@ def test_without_an_address_a_private_ray_runs_the_pass_and_stops_with_it(tmp_pa
     records = tmp_path / "records"
     records.mkdir()
     config = ray_config(None, tasks=2)
+    handler = signal.getsignal(signal.SIGTERM)
     run_executor(build_executor([RecordRayProcesses(str(records), family=True)], config, tmp_path / "logs"), config,
                  "test")
+    assert signal.getsignal(signal.SIGTERM) is handler, "ray.init's SIGTERM handler outlived the pass"
     seen = [json.loads((records / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert {r["driver"] for r in seen} == {os.getpid()}       # the Ray this test process started
     assert all(ip in LOOPBACK for r in seen for ip in r["listening"]) and seen[0]["listening"]

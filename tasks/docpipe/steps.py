@@ -76,12 +76,17 @@ def write_plan(scratch: Path, input_dir: Path) -> tuple[Path, list[dict[str, str
 # --- problems found inside ranks ------------------------------------------------------------------
 
 class ProblemLog:
-    """Appends bad-input records of one rank and step to `<folder>/<rank>-<step>.jsonl`, up to a cap."""
+    """Writes bad-input records of one rank and step to `<folder>/<rank>-<step>.jsonl`, up to a cap.
+
+    A rank's first record in this process starts its file afresh: a rank run again (a rerun after a
+    crash, or datatrove's retry of a lost Ray worker) must not list its problems twice.
+    """
 
     def __init__(self, folder: str, step: str) -> None:
         self.folder = folder
         self.step = step
         self.written = 0
+        self.started_ranks: set[int] = set()
 
     def add(self, rank: int, path: str, reason: str, detail: str, where: str | None = None) -> None:
         if self.written >= MAX_PROBLEMS_PER_STEP:
@@ -90,7 +95,9 @@ class ProblemLog:
         record = {"path": path, "reason": reason, "detail": detail[:500], "where": where, "step": self.step}
         target = Path(self.folder) / f"{rank:05d}-{self.step}.jsonl"
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a", encoding="utf-8") as handle:
+        mode = "a" if rank in self.started_ranks else "w"
+        self.started_ranks.add(rank)
+        with open(target, mode, encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
 

@@ -105,3 +105,20 @@ def test_check_accounting_names_documents_lost_between_steps():
     with pytest.raises(StageError, match="1 documents unaccounted for: docs_in 10 != docs_out 6 \\+ dropped 3"):
         check_accounting(stats)
     check_accounting({**stats, "dropped/language/de": 1})
+
+
+def test_a_rank_run_again_lists_its_problems_once(tmp_path):
+    """A rerun (or a retried Ray worker) starts the rank's problem file afresh; other ranks' files stay."""
+    from tasks.docpipe.steps import ProblemLog, read_problems
+
+    first_attempt = ProblemLog(str(tmp_path), "read")
+    first_attempt.add(0, "a.parquet", "corrupt_parquet", "bad footer")
+    first_attempt.add(1, "b.parquet", "corrupt_parquet", "bad footer")
+    first_attempt.add(0, "c.parquet", "bad_metadata", "not a JSON object")   # then rank 0 crashed
+    retry = ProblemLog(str(tmp_path), "read")
+    retry.add(0, "a.parquet", "corrupt_parquet", "bad footer")
+    retry.add(0, "c.parquet", "bad_metadata", "not a JSON object")
+    retry.add(0, "d.parquet", "bad_metadata", "not a JSON object")
+    assert [(r["path"], r["reason"]) for r in read_problems(tmp_path)] == [
+        ("a.parquet", "corrupt_parquet"), ("c.parquet", "bad_metadata"), ("d.parquet", "bad_metadata"),
+        ("b.parquet", "corrupt_parquet")]

@@ -136,6 +136,12 @@ def test_serve_pool_deploys_to_a_process_pool_and_a_rerun_updates(served: tuple[
     assert pipeline.entrypoint == "flows.pipeline.pipeline" and not pipeline.pull_steps    # the installed package
     assert pipeline.job_variables == {"working_dir": str(project)}
     assert found[f"lmforge-stage/{RECIPE}"].parameters["stage"] == "ingest"
+    # the recipe's `schedule:` removed, served again: the nightly runs stop (Prefect alone would keep the cron)
+    recipe = json.loads((project / "nightly.yaml").read_text())
+    write_recipe(project / "unscheduled.yaml", {k: v for k, v in recipe.items() if k != "schedule"})
+    unscheduled = run_cli(["serve", "unscheduled.yaml", "--pool", POOL], cwd=project)
+    assert unscheduled.returncode == 0, unscheduled.stderr[-3000:]
+    assert pool_deployments(POOL)[f"lmforge-pipeline/{RECIPE}"].schedules == []
 
 
 def test_a_worker_runs_the_pipeline_and_a_one_stage_rerun(served: tuple[Path, str], worker: None,

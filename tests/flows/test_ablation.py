@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_cli import catalog_rows, write_recipe
+from cliutil import catalog_rows, write_recipe
 
 from flows.ablation import expand, load_grid, plan_grid
 from flows.recipe import RecipeError

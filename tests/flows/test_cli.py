@@ -10,16 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from cliutil import REPO_ROOT, run_cli
+from cliutil import REPO_ROOT, catalog_rows, run_cli, write_recipe
 from mlflow.tracking import MlflowClient
 
-from flows.stages import catalog_views
-from storage.catalog import Catalog
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data))   # JSON is YAML
-    return path
 
 
 @pytest.fixture
@@ -27,10 +20,6 @@ def small_recipe(tmp_path, shared_data) -> Path:
     return write_recipe(tmp_path / "small.yaml", {"name": "small", "ingest": {"sources": [
         {"name": "dolma", "kind": "jsonl", "paths": [str(shared_data / "raw/dolma_ccnet_cc_en_head-0091.jsonl")]},
         {"name": "cc", "kind": "warc", "paths": [str(shared_data / "raw/*.warc.gz")]}]}})
-
-
-def catalog_rows(ws: Path, sql: str) -> list[tuple]:
-    return Catalog(ws / "catalog.duckdb").query(sql, catalog_views())[1]
 
 
 def test_help_for_every_command():

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cliutil import run_cli
+from cliutil import catalog_rows, run_cli, write_recipe
 from mlflow.tracking import MlflowClient
-from test_cli import catalog_rows, run_statuses, write_recipe
+from test_cli import run_statuses
 
 STAGES = ["ingest", "tokenizer", "shard", "pretrain", "evaluate"]
 SPECIALS = ["<|endoftext|>", "[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]"]

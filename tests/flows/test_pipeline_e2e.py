@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from cliutil import read_artifact
-from test_cli import catalog_rows, run_statuses, write_recipe
+from cliutil import catalog_rows, read_artifact, write_recipe
+from test_cli import run_statuses
 
 STAGES = ["ingest", "curate", "dedup", "tokenizer", "shard", "pretrain"]
 

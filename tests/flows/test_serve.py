@@ -5,12 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from cliutil import REPO_ROOT
-from test_cli import catalog_rows, write_recipe
+from cliutil import REPO_ROOT, catalog_rows, wait_for, write_recipe
 
 
 @pytest.fixture
@@ -27,16 +25,6 @@ def deployments_of(name: str) -> dict[str, object]:
     with get_client(sync_client=True) as client:
         return {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()
                 if d.name == name}
-
-
-def wait_for(condition, timeout: float = 240.0, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_serve_registers_scheduled_deployments_that_run_from_the_api(nightly: Path, tmp_path: Path,

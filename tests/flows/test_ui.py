@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,7 @@ import urllib.request
 
 import psutil
 
-from cliutil import REPO_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from cliutil import REPO_ROOT, free_port
 
 
 def wait_for(url: str, proc: subprocess.Popen, timeout: float = 150) -> bytes:

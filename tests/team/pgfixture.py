@@ -14,13 +14,14 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from cliutil import free_port
 
 SUPERUSER = "postgres"
 # a test cluster: durability buys nothing here and fsync costs seconds on a loaded disk
@@ -58,12 +59,6 @@ class PgCluster:
         with psycopg.connect(host=str(self.socket_dir), port=self.port, user=SUPERUSER, dbname=database,
                              connect_timeout=10) as conn:
             return conn.execute(sql).fetchall()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def find_bin_dir() -> Path | None:

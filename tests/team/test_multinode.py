@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from cliutil import run_cli
+from cliutil import catalog_rows, free_port, run_cli, write_recipe
 
-from flows.stages import catalog_views
-from storage.catalog import Catalog
 from tasks.pretrain.slurm import SlurmError, SlurmOptions, sbatch_script
 
 FAKE_SCONTROL = """#!/bin/bash
@@ -36,21 +33,6 @@ wait $first; a=$?; wait $second; b=$?
 echo "node0=$a node1=$b" > "$SRUN_LOGS/exit_codes"
 [ $a = 0 ] && [ $b = 0 ]
 """
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data))   # JSON is YAML
-    return path
-
-
-def catalog_rows(ws: Path, sql: str) -> list[tuple]:
-    return Catalog(ws / "catalog.duckdb").query(sql, catalog_views())[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_recipe(root: Path, nnodes: int = 2) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pgfixture
 import psutil
 import pytest
-from cliutil import REPO_ROOT
+from cliutil import REPO_ROOT, free_port
 
 from flows.ui import plan_ui
 from storage.postgres import BackendError, parse_backend
@@ -79,7 +79,7 @@ def team_ui(pg: pgfixture.PgCluster, tmp_path_factory: pytest.TempPathFactory) -
     """`PGPASSWORD=... lmforge ui -w ws --backend postgresql://lmforge@127.0.0.1:PORT/lmforge --artifacts DIR`."""
     root = tmp_path_factory.mktemp("team-ui")
     ws, artifacts, log = root / "ws", root / "mlartifacts", root / "ui.log"
-    prefect_port, mlflow_port = pgfixture.free_port(), pgfixture.free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     env = clean_env(PGPASSWORD=PASSWORD, PREFECT_HOME=str(root / "prefect-home"))
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "-w", str(ws),
@@ -240,10 +240,10 @@ def test_password_is_never_shown_or_stored(team_ui: TeamUI, first_run) -> None:
      "to run `createdb -O reader <name>` for team_prefect and team_mlflow"),
 ], ids=["not-postgresql", "nothing-listens", "wrong-password", "no-createdb"])
 def test_bad_backend_fails_at_once_saying_why(pg: pgfixture.PgCluster, tmp_path: Path, url: str, says: str) -> None:
-    ports = {"dead": pgfixture.free_port(), "pg": pg.port}
+    ports = {"dead": free_port(), "pg": pg.port}
     started = time.time()
     out = lmforge(["ui", "-w", str(tmp_path / "ws"), "--backend", url.format(**ports), "--prefect-port",
-                   str(pgfixture.free_port()), "--mlflow-port", str(pgfixture.free_port())], clean_env(), timeout=120)
+                   str(free_port()), "--mlflow-port", str(free_port())], clean_env(), timeout=120)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and says.format(**ports) in errors[0], out.stderr
@@ -256,7 +256,7 @@ def test_run_refuses_a_workspace_whose_team_ui_is_gone(tmp_path: Path) -> None:
     """ui.json of a killed `lmforge ui --backend`: the run says so instead of logging somewhere else."""
     ws = tmp_path / "ws"
     ws.mkdir()
-    gone = f"http://127.0.0.1:{pgfixture.free_port()}"
+    gone = f"http://127.0.0.1:{free_port()}"
     (ws / "ui.json").write_text(json.dumps({"prefect_api_url": f"{gone}/api", "mlflow_url": gone,
                                             "mlflow_tracking_uri": gone, "pid": 1}))
     out = lmforge(["run", "configs/nightly.yaml", "-w", str(ws), "--until", "curate"], clean_env(), timeout=120)

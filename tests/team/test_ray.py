@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cliutil import REPO_ROOT
+from cliutil import REPO_ROOT, free_port
 from datatrove.pipeline.base import PipelineStep
 from pydantic import ValidationError
 
@@ -78,12 +77,6 @@ RAY_START = ["start", "--head", "--node-ip-address=127.0.0.1", "--port={port}", 
              "--include-dashboard=false", "--disable-usage-stats"]
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 STAGES = ("curate", "dedup")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -12,43 +12,18 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cliutil import run_cli
+from cliutil import catalog_rows, run_cli, wait_for, write_recipe
 
-from flows.stages import catalog_views
-from storage.catalog import Catalog
 
 POOL = f"lmforge-test-{uuid.uuid4().hex[:8]}"      # one Prefect server serves the whole test session
 RECIPE = "workpool-nightly"
 PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    """Writes a recipe or grid (as in tests/flows/test_cli.py)."""
-    path.write_text(json.dumps(data))   # JSON is YAML
-    return path
-
-
-def catalog_rows(ws: Path, sql: str) -> list[tuple]:
-    """Rows of a query on the workspace's catalog."""
-    return Catalog(ws / "catalog.duckdb").query(sql, catalog_views())[1]
-
-
-def wait_for(condition, timeout: float, what: str) -> Any:
-    """Polls `condition` once a second until it returns something true."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def pool_deployments(pool: str) -> dict[str, Any]:

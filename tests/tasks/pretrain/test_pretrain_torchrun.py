@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import shardfixture as sf
+from cliutil import free_port
 
 from storage.stage import StageError
 from tasks.pretrain import PretrainConfig, run
@@ -103,12 +103,6 @@ def test_metrics_and_artifacts_reach_the_mlflow_run(reference, mlflow_run: tuple
     assert {"model", "samples.txt"} <= artifacts
     assert {a.path for a in client.list_artifacts(mlflow_run[1], "model")} == {"model/config.json",
                                                                                "model/model.safetensors"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_epochs_count_the_training_tokens_both_ranks_read(reference, corpus: tuple[Path, Path],

@@ -321,7 +321,7 @@ def catalog(sql: Annotated[Optional[str], typer.Argument(help='SQL, e.g. "select
     import duckdb
 
     from flows.stages import catalog_views
-    from storage.catalog import Catalog, CatalogLockError
+    from storage.catalog import Catalog
     from storage.workspace import resolve_workspace
 
     path = resolve_workspace(workspace) / "catalog.duckdb"
@@ -337,8 +337,6 @@ def catalog(sql: Annotated[Optional[str], typer.Argument(help='SQL, e.g. "select
         names, rows = Catalog(path).query(sql, catalog_views())
     except duckdb.Error as err:
         _fail(f"query failed: {str(err).splitlines()[0]}", code=1)
-    except (CatalogLockError, ValueError) as err:
-        _fail(str(err), code=1)
     typer.echo(format_table(names, rows))
 
 

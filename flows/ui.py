@@ -21,7 +21,7 @@ from pathlib import Path
 
 from storage.postgres import Backend
 from storage.telemetry import TELEMETRY_OFF
-from storage.tracking import UI_FILE
+from storage.tracking import UI_FILE, read_ui_record
 from storage.workspace import Workspace
 
 READY_TIMEOUT_S = 300       # Prefect's first start on a fresh PostgreSQL runs its migrations (~30 s, more when loaded)
@@ -190,7 +190,7 @@ def answers(url: str, timeout_s: float = 3.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.status == 200
-    except OSError:
+    except (OSError, ValueError):    # ValueError: not a URL urllib can open
         return False
 
 
@@ -209,12 +209,8 @@ def stop(procs: dict[str, subprocess.Popen]) -> None:
 
 def attached_prefect_api(ws_root: Path, timeout_s: float = 3.0) -> str | None:
     """The Prefect API of a `lmforge ui` running for this workspace, if it answers right now."""
-    try:
-        url = json.loads((ws_root / UI_FILE).read_text())["prefect_api_url"]
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
-            return url if response.status == 200 else None
-    except (OSError, ValueError, KeyError):
-        return None
+    url = read_ui_record(ws_root).get("prefect_api_url")
+    return url if url and answers(f"{url}/health", timeout_s) else None
 
 
 def mlflow_ui_url(ws_root: Path) -> str:
@@ -223,10 +219,7 @@ def mlflow_ui_url(ws_root: Path) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/")
-    try:
-        return json.loads((ws_root / UI_FILE).read_text())["mlflow_url"]
-    except (OSError, ValueError, KeyError):
-        return "http://127.0.0.1:5000"
+    return read_ui_record(ws_root).get("mlflow_url", "http://127.0.0.1:5000")
 
 
 def check_tracking_server(ws_root: Path) -> None:

@@ -18,11 +18,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -44,6 +44,7 @@ create table if not exists ablations (
 );
 """
 OPEN_RETRIES = 300   # ~30 s of backoff while another program (a `duckdb` shell) holds DuckDB's own lock
+T = TypeVar("T")
 LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S = "LMFORGE_CATALOG_LOCK_TIMEOUT", 120.0
 TABLES = ("pipeline_runs", "stage_runs", "stage_stats", "ablations")
 # Views over the workspace's committed Parquet outputs, so one query can join counters and data:
@@ -86,7 +87,8 @@ def create_output_views(con: duckdb.DuckDBPyConnection, root: Path, views: Outpu
 
 
 class CatalogLockError(RuntimeError):
-    """The catalog's lock could not be taken: held past the timeout (the message names the holder), or unsupported."""
+    """The catalog's lock could not be taken: held past the timeout (the message names the holder), unsupported,
+    or its timeout setting is not a number of seconds."""
 
 
 def lock_timeout_s() -> float:
@@ -99,7 +101,7 @@ def lock_timeout_s() -> float:
     except ValueError:
         seconds = -1.0
     if seconds <= 0:
-        raise ValueError(f"{LOCK_TIMEOUT_ENV}={value!r}: expected a number of seconds above 0")
+        raise CatalogLockError(f"{LOCK_TIMEOUT_ENV}={value!r}: expected a number of seconds above 0")
     return seconds
 
 
@@ -189,14 +191,7 @@ class Catalog:
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """Opens the file under the lock, retrying while another program holds DuckDB's own lock."""
         with self.locked():
-            for attempt in range(OPEN_RETRIES):
-                try:
-                    con = duckdb.connect(str(self.path), read_only=read_only)
-                    break
-                except duckdb.IOException as err:
-                    if "lock" not in str(err).lower() or attempt == OPEN_RETRIES - 1:
-                        raise
-                    time.sleep(0.05 + random.random() * 0.1)
+            con = _retrying_on_duckdb_lock(lambda: duckdb.connect(str(self.path), read_only=read_only))
             try:
                 yield con
             finally:
@@ -246,16 +241,9 @@ class Catalog:
 
     def _copy_tables_into(self, con: duckdb.DuckDBPyConnection) -> None:
         """Attaches the file read-only, under the lock, just long enough to copy its tables."""
-        path = str(self.path).replace("'", "''")
         with self.locked():
-            for attempt in range(OPEN_RETRIES):
-                try:
-                    con.execute(f"attach '{path}' as catalog_file (read_only)")
-                    break
-                except duckdb.IOException as err:
-                    if "lock" not in str(err).lower() or attempt == OPEN_RETRIES - 1:
-                        raise
-                    time.sleep(0.05 + random.random() * 0.1)
+            attach = f"attach '{_sql_string(self.path)}' as catalog_file (read_only)"
+            _retrying_on_duckdb_lock(lambda: con.execute(attach))
             try:
                 for table in TABLES:
                     con.execute(f"create table {table} as select * from catalog_file.{table}")
@@ -305,6 +293,18 @@ class Catalog:
 
 def _sql_string(path: Path) -> str:
     return str(path).replace("'", "''")
+
+
+def _retrying_on_duckdb_lock(open_file: Callable[[], T]) -> T:
+    """`open_file()`, retried while another program (a `duckdb` shell) holds DuckDB's own file lock."""
+    for attempt in range(OPEN_RETRIES):
+        try:
+            return open_file()
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower() or attempt == OPEN_RETRIES - 1:
+                raise
+            time.sleep(0.05 + random.random() * 0.1)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _update_stage(con: duckdb.DuckDBPyConnection, run_id: str, stage: str, values: dict[str, Any]) -> None:

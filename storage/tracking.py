@@ -32,17 +32,23 @@ def workspace_store_uri(workspace: Path) -> str:
     return f"sqlite:///{Path(workspace) / 'mlflow.db'}"
 
 
+def read_ui_record(workspace: Path) -> dict[str, Any]:
+    """What a running `lmforge ui` of this workspace wrote to ui.json; {} when there is none (or it is unreadable)."""
+    import json
+
+    try:
+        record = json.loads((Path(workspace) / UI_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def shared_tracking_server(workspace: Path) -> str | None:
     """The MLflow server runs must log to, when `lmforge ui --backend` serves this workspace.
 
     A sqlite-backed `lmforge ui` records none: runs keep writing the sqlite file it reads.
     """
-    import json
-
-    try:
-        return json.loads((Path(workspace) / UI_FILE).read_text()).get("mlflow_tracking_uri")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return read_ui_record(workspace).get("mlflow_tracking_uri")
 
 
 def artifact_location(workspace: Path) -> str:

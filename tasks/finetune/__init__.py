@@ -14,7 +14,7 @@ from storage.fingerprint import file_signature
 from storage.stage import Stage, always, deferred
 from tasks.finetune.config import HUB_PREFIX, FinetuneConfig
 
-VERSION = "1"
+VERSION = "2"
 
 
 def data_file_signatures(config: FinetuneConfig) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Predictions against gold labels: the task's metrics (official first) and the rows they come from.
 
 Every number here can be recomputed from `predictions.jsonl` (and, for SQuAD, from the official
-`predictions.json` + `null_odds.json` with the official script).
+`predictions.json` + `null_odds.json` with the official script, `--na-prob-thresh` the task's null_threshold).
 """
 from __future__ import annotations
 
@@ -31,12 +31,21 @@ def prediction_rows(data: TaskData, examples: list[Any], predictions: Prediction
     return [PredictionRow(id=e.id, prediction=p, gold=gold_of(data, e)) for e, p in zip(examples, predictions.values)]
 
 
-def score(data: TaskData, examples: list[Any], predictions: Predictions) -> dict[str, float]:
-    """The task's metrics, its official metric(s) first."""
+def score(data: TaskData, examples: list[Any], predictions: Predictions,
+          null_threshold: float = 0.0) -> dict[str, float]:
+    """The task's metrics, its official metric(s) first.
+
+    SQuAD v2: `null_threshold` is the one the answers were decoded with (`nbest.answer`); the script's
+    no-answer threshold is set to it, so exact/f1 are those of the answers in predictions.json (a
+    question whose null_odds exceed it already answers "") and the official script reproduces them
+    with `--na-prob-file null_odds.json --na-prob-thresh <null_threshold>`, or from predictions.json alone.
+    """
     if data.form == "qa":
         answers = {e.id: p for e, p in zip(examples, predictions.values)}
-        odds = {e.id: o for e, o in zip(examples, predictions.null_odds)} if data.allow_null else None
-        return _ordered(squad_scores(examples, answers, odds), data.metrics)
+        if not data.allow_null:            # v1.1: no null answers, no odds
+            return _ordered(squad_scores(examples, answers), data.metrics)
+        odds = {e.id: o for e, o in zip(examples, predictions.null_odds)}
+        return _ordered(squad_scores(examples, answers, odds, na_prob_thresh=null_threshold), data.metrics)
     golds = [gold_of(data, e) for e in examples]
     if data.form == "tagging":
         return _ordered(conll_scores(predictions.values, golds), data.metrics)

@@ -240,7 +240,7 @@ def predict_and_score(job: Job, model: Any, prepared: Prepared, device: Any) -> 
     task, data = job.task, job.data
     logits = feature_logits(model, prepared, job.config.eval_batch_size, device, job.config.precision)
     predictions = decode(data, prepared, logits, task.n_best, task.max_answer_length, task.null_threshold)
-    metrics = score(data, prepared.examples, predictions)
+    metrics = score(data, prepared.examples, predictions, task.null_threshold)
     if data.kind == "fomc":
         index = fomc_index(prepared, predictions)["overall"]     # undefined (left out) without dovish or hawkish
         metrics.update({name: index[key] for name, key in (("sentiment_index", "index"),

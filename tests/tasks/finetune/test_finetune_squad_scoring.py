@@ -151,3 +151,27 @@ def test_spans_respect_order_and_length_and_v2_null_answers():
     assert answer(candidates, null_odds, allow_null=True, threshold=-5.0) == ""
     assert answer(candidates, 99.0, allow_null=False, threshold=0.0) == "Beta Gamma"    # v1 never answers ""
     assert decode([window(0, 1, [False], {}, {})], CONTEXT)[1] == NO_SPAN_ODDS
+
+
+@pytest.mark.parametrize("threshold", [-2.0, 0.0, 0.5, 5.0])
+def test_metrics_are_those_of_the_answers_decoded_with_the_tasks_null_threshold(threshold):
+    """With null_threshold above the script's default 1.0, a span kept at null_odds 3 used to be scored as
+    "no answer" in metrics.json while predictions.json held the (right) span."""
+    from tasks.finetune.data import TaskData
+    from tasks.finetune.nbest import Candidate
+    from tasks.finetune.predict import Predictions
+    from tasks.finetune.score import score
+
+    examples = [question("a", "x y"), question("b", "u v"), question("c"), question("d")]
+    odds = [3.0, -1.0, 8.0, 0.3]
+    span = {"a": "x y", "b": "u v", "c": "x y", "d": "u v"}
+    answers = [answer([Candidate(span[e.id], 1.0, 0.5, 0.5)], o, True, threshold) for e, o in zip(examples, odds)]
+    v2 = TaskData("s", "squad", "qa", [], ("exact", "f1"), [], {}, allow_null=True)
+    found = score(v2, examples, Predictions(answers, odds, [[]] * 4), null_threshold=threshold)
+    from_answers = squad_scores(examples, dict(zip("abcd", answers)))     # predictions.json alone
+    assert {k: found[k] for k in from_answers} == pytest.approx(from_answers)
+    official = squad_scores(examples, dict(zip("abcd", answers)), dict(zip("abcd", odds)), na_prob_thresh=threshold)
+    assert found == pytest.approx(official)                               # script with --na-prob-thresh
+    v1 = TaskData("s", "squad", "qa", [], ("exact", "f1"), [], {}, allow_null=False)
+    spans = [span[e.id] for e in examples[:2]]
+    assert score(v1, examples[:2], Predictions(spans, [-5.0, -5.0], [[]] * 2), null_threshold=-9.0)["exact"] == 100.0

@@ -133,21 +133,27 @@ def _examples(path: Path, spec: GlueTask, rows: Iterator[list[str]], on_bad: OnB
     if first is None:
         raise DatasetError(f"{path}: empty file (expected a GLUE {spec.name} TSV)")
     columns = _layout(path, spec, [name.strip().lower() for name in first])
-    if columns.headerless:
-        yield _example(path, 1, spec, columns, first, 0)
-    number = 1 if columns.headerless else 0
-    for row in rows:
+    data = _numbered(first, rows) if columns.headerless else ((rows.line_num, row) for row in rows)
+    number = 0
+    for line, row in data:
         if row:   # a blank line is not an example
             try:
-                example = _example(path, rows.line_num, spec, columns, row, number)
+                example = _example(path, line, spec, columns, row, number)
             except DatasetError as err:
                 if on_bad is None:
                     raise
                 reason = "wrong_column_count" if len(row) != columns.width else "unknown_label"
-                on_bad(BadRow(str(path), rows.line_num, reason, str(err)))
+                on_bad(BadRow(str(path), line, reason, str(err)))
             else:
                 yield example
             number += 1
+
+
+def _numbered(first: list[str], rows: Iterator[list[str]]) -> Iterator[tuple[int, list[str]]]:
+    """(line, row) of a headerless file: its first line is data, read like every other row."""
+    yield 1, first
+    for row in rows:
+        yield rows.line_num, row
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,16 @@ def test_hf_test_splits_have_no_labels_and_bad_indices_are_named(tmp_path):
     pq.write_table(pa.table({"text": ["x"], "label": [1]}), wrong)
     with pytest.raises(DatasetError, match="not nyu-mll/glue's sst2 layout"):
         read_glue(wrong)
+
+
+def test_a_bad_first_row_of_a_headerless_file_is_reported_like_any_other(tmp_path):
+    """CoLA's first line is data: a bad label or a short row there is skipped and reported (file, line 1),
+    not a failure of the whole file."""
+    for first in (lambda row: row.replace("\t1\t", "\t3\t", 1), lambda row: row.rsplit("\t", 1)[0]):
+        cola = copy_with(tmp_path, "cola", GLUE / "cola" / "dev.tsv", lambda lines: [first(lines[0]), *lines[1:]])
+        bad = []
+        examples = read_glue(cola, on_bad=bad.append)
+        assert len(examples) == 1042 and examples[0].id == "1"
+        assert [(b.line, b.reason) for b in bad] in ([(1, "unknown_label")], [(1, "wrong_column_count")])
+        with pytest.raises(DatasetError, match=r"cola/dev.tsv:1: "):
+            read_glue(cola)

@@ -13,7 +13,7 @@ from storage.stage import Stage, deferred
 from tasks.ingest.config import FileSource, HfSource, IngestConfig, WikiOfflineSource, resolve_paths
 from tasks.ingest.hub import revision_signature
 
-VERSION = "2"   # 2: sampling by storage.sampling.unit_hash with its own salt
+VERSION = "3"   # 2: sampling by storage.sampling.unit_hash with its own salt; 3: charsets as browsers read them, BOM dropped
 
 
 def external_inputs(config: IngestConfig) -> dict[str, Any]:

@@ -40,8 +40,16 @@ class Rejected:
 Item = Document | Rejected
 
 
-def decode_text(raw: bytes, path: Path, where: str) -> tuple[str, Rejected | None]:
-    """UTF-8 decode; invalid bytes become U+FFFD and are reported (the document is kept)."""
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_text(raw: bytes, path: Path, where: str, first: bool = False) -> tuple[str, Rejected | None]:
+    """UTF-8 decode; invalid bytes become U+FFFD and are reported (the document is kept).
+
+    `first`: `raw` starts the file, so a UTF-8 byte order mark there is dropped (it is not text).
+    """
+    if first and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as err:
@@ -114,14 +122,39 @@ def _charset(content_type: str, body: bytes) -> str | None:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
+# Labels whose decoder on the web is a superset of the codec Python gives the label (WHATWG Encoding
+# Standard, https://encoding.spec.whatwg.org/#names-and-labels): browsers decode a page declared
+# `iso-8859-1` as windows-1252 (0x92 is ’, not a C1 control) and one declared `gb2312` as GBK/gb18030.
+WEB_DECODERS = {
+    **dict.fromkeys(("iso-8859-1", "iso8859-1", "iso88591", "iso_8859-1", "iso_8859-1:1987", "latin1", "l1",
+                     "cp819", "ibm819", "csisolatin1", "iso-ir-100"), "cp1252"),
+    **dict.fromkeys(("gb2312", "gb_2312", "gb_2312-80", "csgb2312", "csiso58gb231280", "iso-ir-58", "chinese",
+                     "gbk", "x-gbk"), "gb18030"),
+    **dict.fromkeys(("iso-8859-9", "iso8859-9", "iso88599", "iso_8859-9", "iso_8859-9:1989", "latin5", "l5",
+                     "csisolatin5", "iso-ir-148"), "cp1254"),
+    **dict.fromkeys(("tis-620", "iso-8859-11", "iso8859-11", "iso885911", "dos-874"), "cp874"),
+    **dict.fromkeys(("euc-kr", "cseuckr", "ks_c_5601-1987", "ks_c_5601-1989", "ksc5601", "ksc_5601", "korean",
+                     "iso-ir-149", "csksc56011987"), "cp949"),
+    **dict.fromkeys(("shift_jis", "shift-jis", "sjis", "ms_kanji", "csshiftjis", "x-sjis", "ms932"), "cp932"),
+    **dict.fromkeys(("big5", "big5-hkscs", "cn-big5", "csbig5", "x-x-big5"), "big5hkscs"),
+}
+
+
+def web_decoder(charset: str | None) -> str | None:
+    """The codec a browser uses for a declared `charset` label (the label itself when no superset applies)."""
+    return WEB_DECODERS.get(charset.strip().lower(), charset) if charset else None
+
+
 def _decode_html(body: bytes, charset: str | None) -> tuple[str, bool]:
-    """Decodes with the declared charset, else UTF-8; returns (text, had_invalid_bytes)."""
-    for encoding in filter(None, [charset, "utf-8"]):
+    """Decodes with the declared charset (as a browser reads its label), else UTF-8; returns
+    (text, had_invalid_bytes)."""
+    encoding = web_decoder(charset)
+    for candidate in filter(None, [encoding, "utf-8"]):
         try:
-            return body.decode(encoding), False
+            return body.decode(candidate), False
         except (UnicodeDecodeError, LookupError):
             continue
-    return body.decode(charset if _known(charset) else "utf-8", errors="replace"), True
+    return body.decode(encoding if _known(encoding) else "utf-8", errors="replace"), True
 
 
 def _known(encoding: str | None) -> bool:
@@ -194,7 +227,7 @@ def _jsonl_line(source: JsonlSource, path: Path, label: str, number: int, line: 
     where = f"line {number}"
     if not line.strip():
         return
-    text_line, note = decode_text(line, path, where)
+    text_line, note = decode_text(line, path, where, first=number == 1)
     if note:
         yield note
     try:
@@ -202,12 +235,17 @@ def _jsonl_line(source: JsonlSource, path: Path, label: str, number: int, line: 
     except json.JSONDecodeError as err:
         yield Rejected("invalid_json", str(path), where, err.msg)
         return
-    if not isinstance(row, dict) or not isinstance(row.get(source.text_key), str):
+    if not isinstance(row, dict):
+        yield Rejected("not_an_object", str(path), where, f"a JSON {type(row).__name__}, not an object")
+        return
+    if not isinstance(row.get(source.text_key), str):
         yield Rejected("missing_text_key", str(path), where, f"no string field {source.text_key!r}")
         return
     native_id = row.get(source.id_key) if source.id_key else None
     doc_id = f"{source.name}/{native_id if native_id is not None else f'{label}:{number}'}"
-    url = row.get(source.url_key) if source.url_key else None
+    url, note = _url(row, source.url_key, str(path), where)
+    if note:
+        yield note
     metadata = {k: v for k, v in row.items() if k not in {source.text_key, source.id_key, source.url_key}}
     metadata["file"] = label
     yield Document(doc_id, row[source.text_key], source.name, url, metadata)
@@ -223,7 +261,9 @@ def read_parquet(source: ParquetSource, path: Path, label: str) -> Iterator[Item
         yield Rejected("corrupt_parquet", str(path), None, str(err), is_record=False)
         return
     if source.text_column not in parquet.schema_arrow.names:
-        yield Rejected("missing_text_column", str(path), None, f"no column {source.text_column!r}", is_record=False)
+        names = parquet.schema_arrow.names
+        yield Rejected("missing_text_column", str(path), None, f"no column {source.text_column!r} (columns: "
+                       f"{', '.join(names[:20])}{', ...' if len(names) > 20 else ''}; set text_column)", is_record=False)
         return
     row_number = 0
     try:
@@ -243,11 +283,22 @@ def _parquet_row(source: ParquetSource, path: Path, label: str, number: int, row
         return
     native_id = row.get(source.id_column) if source.id_column else None
     doc_id = f"{source.name}/{native_id if native_id is not None else f'{label}:{number}'}"
-    url = row.get(source.url_column) if source.url_column else None
+    url, note = _url(row, source.url_column, str(path), f"row {number}")
+    if note:
+        yield note
     skip = {source.text_column, source.id_column, source.url_column}
     metadata = {k: v for k, v in row.items() if k not in skip and _jsonable(v)}
     metadata["file"] = label
     yield Document(doc_id, text, source.name, url, metadata)
+
+
+def _url(row: dict, key: str | None, path: str, where: str) -> tuple[str | None, Rejected | None]:
+    """The row's URL field; a value that is not a string is reported and left out (the document is kept)."""
+    value = row.get(key) if key else None
+    if value is None or isinstance(value, str):
+        return value, None
+    return None, Rejected("invalid_url", path, where, f"field {key!r} is a {type(value).__name__}, not a string "
+                          f"({str(value)[:80]})", is_record=False)
 
 
 def _jsonable(value: object) -> bool:
@@ -266,7 +317,7 @@ def read_text(source: TextSource, path: Path, label: str) -> Iterator[Item]:
         yield Rejected("binary_file", str(path), None, "NUL bytes in the first 8 KiB", is_record=False)
         return
     if source.split == "file":
-        text, note = decode_text(path.read_bytes(), path, "file")
+        text, note = decode_text(path.read_bytes(), path, "file", first=True)
         if note:
             yield note
         yield Document(f"{source.name}/{label}", text, source.name, None, {"file": label})
@@ -280,7 +331,7 @@ def _text_blocks(source: TextSource, path: Path, label: str) -> Iterator[Item]:
     start = number = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            line, note = decode_text(raw, path, f"line {number}")
+            line, note = decode_text(raw, path, f"line {number}", first=number == 1)
             if note:
                 yield note
             if line.strip():
@@ -372,7 +423,7 @@ def _hf_document(source: HfSource, number: int, row: dict) -> Item:
     native_id = row.get(source.id_key) if source.id_key else None
     metadata = {k: v for k, v in row.items() if k not in {source.text_key, source.id_key} and _jsonable(v)}
     return Document(f"{source.name}/{native_id if native_id is not None else number}", text, source.name,
-                    row.get("url"), metadata)
+                    row["url"] if isinstance(row.get("url"), str) else None, metadata)   # any url also stays in metadata
 
 
 FILE_READERS = {"warc": read_warc, "jsonl": read_jsonl, "parquet": read_parquet, "text": read_text}

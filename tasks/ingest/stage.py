@@ -36,10 +36,22 @@ def run(config: IngestConfig, ctx: StageContext) -> StageResult:
             written = _ingest_source(source, ctx.seed, writer, result, ctx.scratch)
         result.count(f"by_source/{source.name}/docs_out", written)
         if written == 0:
-            problems = sorted({b["reason"] for b in result.bad_inputs if b.get("source") == source.name})
-            raise StageError(f"source {source.name!r} yielded no documents"
-                             + (f" (problems: {', '.join(problems)})" if problems else ""))
+            raise StageError(f"source {source.name!r} yielded no documents" + _problems_note(source, result))
     return result
+
+
+def _problems_note(source: SourceBase, result: StageResult, examples: int = 3) -> str:
+    """` (problems: ...)`: the source's problems by reason, each with its first file, place and detail."""
+    first: dict[str, dict] = {}
+    for bad in result.bad_inputs:
+        if bad.get("source") == source.name:
+            first.setdefault(bad["reason"], bad)
+    if not first:
+        return ""
+    shown = [f"{reason} ({bad['path']}" + (f", {bad['where']}" if bad.get("where") else "")
+             + (f": {bad['detail'][:120]}" if bad.get("detail") else "") + ")"
+             for reason, bad in sorted(first.items())[:examples]]
+    return f" (problems: {'; '.join(shown)}" + ("; ..." if len(first) > examples else "") + ")"
 
 
 def _ingest_source(source: SourceBase, seed: int, writer: DocumentWriter, result: StageResult,

@@ -509,3 +509,49 @@ def test_an_hf_source_takes_a_pinned_revision_that_enters_its_config_fields():
 
     with pytest.raises(ValidationError, match="revision"):
         hf_source(revision="")
+
+
+def test_declared_charsets_are_read_as_browsers_read_them(tmp_path, shared_data):
+    # The real Common Crawl file has pages declared iso-8859-1 that use windows-1252's quotes (0x92) and a
+    # page declared gb2312 that uses GBK characters: the WHATWG decoders read both without a loss.
+    result, docs = ingest(tmp_path, {"name": "cc", "kind": "warc", "paths": [
+        str(shared_data / "raw/cc-main-2020-34_resiliparse_warcfile.warc.gz")]})
+    latin1 = [d for d in docs if d.metadata["http_charset"] == "iso-8859-1"]
+    assert len(latin1) == 2 and all("Giro d\u2019Italia" in d.text and "\x92" not in d.text for d in latin1)
+    assert not [d.id for d in docs if "\ufffd" in d.text]
+    assert not [b for b in result.bad_inputs if b["reason"] == "invalid_utf8"]
+
+
+def test_a_utf8_byte_order_mark_costs_no_line_and_is_not_text(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + b'{"id": 1, "text": "first"}\n{"id": 2, "text": "second"}\n')
+    (tmp_path / "bom.txt").write_bytes(bom + b"Title line\nbody\n\nsecond block\n")
+    result, docs = ingest(tmp_path, {"name": "j", "kind": "jsonl", "paths": [str(tmp_path / "bom.jsonl")]},
+                          {"name": "f", "kind": "text", "paths": [str(tmp_path / "bom.txt")]},
+                          {"name": "b", "kind": "text", "split": "blank_line", "paths": [str(tmp_path / "bom.txt")]})
+    assert sorted((d.id, d.text) for d in docs) == [
+        ("b/bom.txt:1", "Title line\nbody"), ("b/bom.txt:4", "second block"),
+        ("f/bom.txt", "Title line\nbody\n\nsecond block\n"), ("j/1", "first"), ("j/2", "second")]
+    assert result.bad_inputs == []
+
+
+def test_a_url_that_is_not_a_string_is_reported_and_the_document_kept(tmp_path):
+    (tmp_path / "u.jsonl").write_bytes(b'{"id": 1, "text": "one", "url": 5}\n[1, 2]\n{"id": 3, "text": "three", '
+                                       b'"url": "http://x"}\n')
+    pq.write_table(pa.table({"text": ["a", "b"], "id": ["x", "y"], "url": [7, None]}), tmp_path / "u.parquet")
+    result, docs = ingest(tmp_path, {"name": "j", "kind": "jsonl", "paths": [str(tmp_path / "u.jsonl")],
+                                     "url_key": "url"},
+                          {"name": "p", "kind": "parquet", "paths": [str(tmp_path / "u.parquet")], "url_column": "url"})
+    assert sorted((d.id, d.url or "") for d in docs) == [("j/1", ""), ("j/3", "http://x"), ("p/x", ""), ("p/y", "")]
+    bad = [(b["reason"], b["where"]) for b in result.bad_inputs]
+    assert bad == [("invalid_url", "line 1"), ("not_an_object", "line 2"), ("invalid_url", "row 0")]
+    assert "is a int, not a string" in result.bad_inputs[0]["detail"]
+    assert result.stats["dropped/ingest/not_an_object"] == 1
+    assert_funnel_adds_up(result.stats)
+
+
+def test_a_source_with_no_usable_file_fails_naming_the_file_and_what_it_holds(tmp_path):
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "wrong.parquet")
+    with pytest.raises(StageError, match=r"yielded no documents \(problems: missing_text_column \(.*wrong\.parquet: "
+                                         r"no column 'text' \(columns: content; set text_column\)\)\)"):
+        ingest(tmp_path, {"name": "p", "kind": "parquet", "paths": [str(tmp_path / "wrong.parquet")]})

@@ -91,7 +91,10 @@ def load_grid(path: str | Path) -> Grid:
 
 def expand(grid: Grid) -> list[Variant]:
     """Every (variant, seed) as a validated recipe, in the grid's order; errors name the variant."""
-    base = read_yaml_mapping(grid.base)
+    try:
+        base = read_yaml_mapping(grid.base)
+    except RecipeError as err:
+        raise RecipeError(f"grid {grid.name}: base: {err}") from err
     seeds = grid.seeds or [base.get("seed", PipelineConfig.model_fields["seed"].default)]
     variants = []
     for position, (name, overrides) in enumerate(grid.variants.items()):

@@ -85,12 +85,13 @@ def _run_pipeline(config, workspace: Path | None, only, until, force, verbose: b
     ws = resolve_workspace(workspace)
     _attach_ui(ws)                      # before Prefect is imported: it reads PREFECT_API_URL once
     from flows.pipeline import StageSelectionError, pipeline
+    from flows.recipe import RecipeError
     from storage.stage import StageError
 
     _open_terminal(verbose)
     try:
         outcomes = pipeline(config=config, workspace=str(ws), only=only, until=until, force=force)
-    except (StageSelectionError, StageError) as err:
+    except (StageSelectionError, StageError, RecipeError) as err:
         _fail(str(err), code=1)
     _closing_summary(ws, outcomes, config.experiment)
 
@@ -151,8 +152,13 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe, or an ablatio
     if is_grid_file(recipe):
         _plan_grid(recipe, Workspace(resolve_workspace(workspace)))
         return
+    from flows.recipe import RecipeError
+
     config = _load(recipe, set_)
-    stages = make_plan(config, Workspace(resolve_workspace(workspace)))
+    try:
+        stages = make_plan(config, Workspace(resolve_workspace(workspace)))
+    except RecipeError as err:
+        _fail(str(err))
     typer.echo(f"{'stage':<10} {'fingerprint':<13} status")
     for stage in stages:
         typer.echo(f"{stage.name:<10} {stage.fingerprint or '-':<13} {stage.status}")
@@ -174,7 +180,7 @@ def ablate(grid: Annotated[Path, typer.Argument(help="ablation grid, e.g. config
            max_parallel: Annotated[int, typer.Option(min=1, help="variants running at once (processes)")] = 1,
            verbose: VerboseOpt = False) -> None:
     """Run every variant of an ablation grid (stages they share are built once), then print the comparison."""
-    from flows.ablation import load_grid
+    from flows.ablation import expand, load_grid
     from flows.compare import render
     from flows.recipe import RecipeError
     from storage.stage import StageError
@@ -182,6 +188,7 @@ def ablate(grid: Annotated[Path, typer.Argument(help="ablation grid, e.g. config
 
     try:
         spec = load_grid(grid)
+        expand(spec)            # every variant is a valid recipe before any work starts
     except RecipeError as err:
         _fail(str(err))
     _attach_ui(resolve_workspace(workspace))

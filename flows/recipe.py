@@ -65,7 +65,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set pretrain.optim.lr=3e-4")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {item!r}: the value is not valid YAML ({yaml_problem(err)})") from err
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -129,6 +133,15 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """`line L, column C: <problem>` of a YAML syntax error (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml_mapping(path: str | Path, what: str = "recipe") -> dict[str, Any]:
     """A YAML (or JSON) file that must hold a mapping; RecipeError naming the file otherwise."""
     path = Path(path)
@@ -137,7 +150,7 @@ def read_yaml_mapping(path: str | Path, what: str = "recipe") -> dict[str, Any]:
     except OSError as err:
         raise RecipeError(f"{path}: cannot read {what}: {err.strerror}") from err
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+        raise RecipeError(f"{path}: not valid YAML at {yaml_problem(err)}") from err
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a {what} is a mapping of keys to values")
     return data
@@ -150,8 +163,33 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     return validate_recipe(apply_overrides(data, overrides or []), str(path))
 
 
-def validate_recipe(data: dict[str, Any], origin: str) -> PipelineConfig:
+def validate_recipe(data: dict[str, Any], origin: str, _borrowing: tuple[Path, ...] = ()) -> PipelineConfig:
+    """The recipe as a PipelineConfig; every `<stage>.from_recipe` it names must be a valid recipe with that stage."""
     try:
-        return PipelineConfig.model_validate(data)
+        config = PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, origin)) from err
+    check_borrowed(config, origin, _borrowing)
+    return config
+
+
+def check_borrowed(config: PipelineConfig, origin: str, borrowing: tuple[Path, ...] = ()) -> None:
+    """Each `<stage>.from_recipe` is read and validated now, so a missing or broken one stops the run before any
+    work, naming the field (the planner takes that recipe's stage when the run starts)."""
+    for name in config.enabled_stages():
+        other = getattr(getattr(config, name), "from_recipe", None)
+        if not other:
+            continue
+        field = f"{origin}: {name}.from_recipe"
+        resolved = Path(other).resolve()
+        if resolved in borrowing:
+            chain = " -> ".join(str(p) for p in (*borrowing, resolved))
+            raise RecipeError(f"{field}: {chain} refers back to itself")
+        try:
+            data = read_yaml_mapping(other)
+            data.setdefault("name", Path(other).stem)
+            borrowed = validate_recipe(data, other, (*borrowing, resolved))
+        except RecipeError as err:
+            raise RecipeError(f"{field}: {err}") from err
+        if getattr(borrowed, name, None) is None:
+            raise RecipeError(f"{field}: {other} has no {name} stage")

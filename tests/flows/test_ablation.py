@@ -47,6 +47,20 @@ def test_seeds_multiply_variants_and_bad_grids_name_the_problem(grid: Path, tmp_
         load_grid(write_recipe(tmp_path / "dup.yaml", {**data, "seeds": [1, 1]}))
 
 
+def test_a_grid_whose_base_or_variant_is_broken_stops_ablate_before_any_work(grid: Path, tmp_path: Path) -> None:
+    from cliutil import run_cli
+
+    data = json.loads(grid.read_text())
+    no_base = write_recipe(tmp_path / "no_base.yaml", {**data, "base": str(tmp_path / "gone.yaml")})
+    with pytest.raises(RecipeError, match=rf"^grid tiny: base: {tmp_path / 'gone.yaml'}: cannot read recipe"):
+        expand(load_grid(no_base))
+    typo = write_recipe(tmp_path / "typo.yaml", {**data, "variants": {"oops": {"shard.val_fractio": 0.2}}})
+    for bad, message in [(no_base, "grid tiny: base: "), (typo, "variant oops): shard.val_fractio: unknown key")]:
+        out = run_cli(["ablate", str(bad), "-w", str(tmp_path / "ws")])
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+        assert len(out.stderr.splitlines()) == 1 and not (tmp_path / "ws").exists()
+
+
 def test_the_grid_plan_shows_which_variants_share_each_output(grid: Path, tmp_path: Path) -> None:
     rows = plan_grid(expand(load_grid(grid)), Workspace(tmp_path / "ws"))
     by = {(r.variant.split("/")[0], r.stage): r for r in rows}

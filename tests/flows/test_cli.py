@@ -53,6 +53,36 @@ def test_set_overrides_are_validated_too(tmp_path, small_recipe):
     assert out.returncode == 2 and "'5' is not an index of a list of 2" in out.stderr
 
 
+def test_bad_yaml_in_a_file_or_a_set_value_names_the_line_or_the_override(tmp_path, small_recipe):
+    from flows.recipe import RecipeError, load_recipe
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\n  seed: [\n")
+    with pytest.raises(RecipeError, match=rf"^{broken}: not valid YAML at line 2, column 7: mapping values"):
+        load_recipe(broken)
+    with pytest.raises(RecipeError, match=r"^--set 'seed=\[1': the value is not valid YAML \(line 1, column 3"):
+        load_recipe(small_recipe, ["seed=[1"])
+
+
+def test_a_broken_from_recipe_stops_plan_and_run_before_any_work(tmp_path, small_recipe):
+    from flows.recipe import RecipeError, load_recipe
+
+    recipe = write_recipe(tmp_path / "borrow.yaml", {**json.loads(small_recipe.read_text()), "name": "borrow",
+                                                      "tokenizer": {"from_recipe": str(tmp_path / "gone.yaml")}})
+    for command in ("plan", "run"):
+        out = run_cli([command, str(recipe), "-w", str(tmp_path / "ws")])
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr == f"error: {recipe}: tokenizer.from_recipe: {tmp_path / 'gone.yaml'}: cannot read recipe: " \
+                             "No such file or directory\n"
+        assert not (tmp_path / "ws").exists()
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "gone.yaml"), str(small_recipe)))
+    with pytest.raises(RecipeError, match=rf"^{recipe}: tokenizer.from_recipe: {small_recipe} has no tokenizer stage"):
+        load_recipe(recipe)
+    recipe.write_text(recipe.read_text().replace(str(small_recipe), str(recipe)))
+    with pytest.raises(RecipeError, match="refers back to itself"):
+        load_recipe(recipe)
+
+
 def test_run_twice_reuses_every_stage_across_processes(tmp_path, small_recipe, cli):
     ws = tmp_path / "ws"
     first = cli(["run", str(small_recipe), "--workspace", str(ws)])

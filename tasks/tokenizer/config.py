@@ -52,13 +52,14 @@ class TokenizerConfig(StrictModel):
     @field_validator("pattern")
     @classmethod
     def _pattern_compiles(cls, pattern: str) -> str:
-        import tiktoken
+        """tiktoken splits with it and the HF export (Oniguruma) must too: checked before hours of training."""
+        from .files import pattern_problem
+        from .hf import onig_regex
 
-        try:
-            tiktoken.Encoding("check", pat_str=pattern, special_tokens={},
-                              mergeable_ranks={bytes([b]): b for b in range(BYTE_TOKENS)})
-        except ValueError as exc:
-            raise ValueError(f"pattern is not a valid split regex: {exc}") from None
+        problem = pattern_problem(pattern)
+        if problem:
+            raise ValueError(f"pattern is not a valid split regex: {problem}")
+        onig_regex(pattern)    # a ValueError saying why tokenizer.json could not express it
         return pattern
 
     @field_validator("special_tokens")

@@ -11,9 +11,21 @@ import tiktoken
 from storage.formats import TokenizerFile
 from storage.stage import StageError
 
+from .config import BYTE_TOKENS
+
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer_config.json"
 HF_FILE = "tokenizer.json"
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why tiktoken cannot compile `pattern` as a split regex, or None."""
+    try:
+        tiktoken.Encoding("check", pat_str=pattern, special_tokens={},
+                          mergeable_ranks={bytes([b]): b for b in range(BYTE_TOKENS)})
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,11 @@ def read_rank_file(path: Path) -> dict[bytes, int]:
         raise StageError(f"{path}: no ranks in the file")
     if len(set(ranks.values())) != len(ranks):
         raise StageError(f"{path}: two tokens share a rank")
+    missing = [b for b in range(BYTE_TOKENS) if bytes([b]) not in ranks]
+    if missing:   # tiktoken would panic ("no entry found for key") on the first text holding one
+        shown = ", ".join(f"0x{b:02x}" for b in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        raise StageError(f"{path}: {len(missing)} of the {BYTE_TOKENS} single-byte tokens have no rank ({shown}); "
+                         "a byte-level BPE rank file must hold every byte")
     return ranks
 
 
@@ -90,6 +107,9 @@ def read_vocabulary(directory: Path) -> Vocabulary:
     if not ranks_path.is_file():
         raise StageError(f"{ranks_path}: missing; a tokenizer directory holds {RANKS_FILE} and {CONFIG_FILE}")
     ranks = read_rank_file(ranks_path)
+    problem = pattern_problem(config.pattern)
+    if problem:
+        raise StageError(f"{directory / CONFIG_FILE}: field 'pattern' is not a valid split regex ({problem})")
     vocab = Vocabulary(ranks, config.pattern, dict(config.special_tokens), config.origin)
     if config.n_ranks != len(ranks):
         raise StageError(f"{directory / CONFIG_FILE}: field 'n_ranks' is {config.n_ranks} but {RANKS_FILE} "

@@ -60,6 +60,15 @@ def onig_pattern(pattern: str) -> str:
     return converted
 
 
+def onig_regex(pattern: str) -> Regex:
+    """The split pattern compiled by HF `tokenizers`; a ValueError says why it cannot be."""
+    converted = onig_pattern(pattern)
+    try:
+        return Regex(converted)
+    except Exception as exc:   # tokenizers raises a bare Exception ("Oniguruma error: ...")
+        raise ValueError(f"pattern {pattern!r} cannot be exported to HF tokenizers (Oniguruma): {exc}") from None
+
+
 def hf_tokenizer(vocab: Vocabulary) -> Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` with the same ranks, split pattern and special ids."""
     model_vocab = {_as_unicode(token): rank for token, rank in vocab.ranks.items()}
@@ -72,7 +81,7 @@ def hf_tokenizer(vocab: Vocabulary) -> Tokenizer:
     # ignore_merges: a piece that is a whole token is taken as is, as tiktoken does.
     tokenizer = Tokenizer(models.BPE(vocab=model_vocab, merges=merges, ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(onig_pattern(vocab.pattern)), behavior="isolated", invert=False),
+        pre_tokenizers.Split(onig_regex(vocab.pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()

@@ -260,8 +260,32 @@ def test_pattern_that_drops_text_or_cannot_be_exported_is_a_stage_error(tmp_path
     small = {"vocab_size": 300, "heldout_docs": 5, "max_train_chars": 20_000}
     with pytest.raises(StageError, match=r"pattern .*w\+.* does not cover all characters"):
         train(tmp_path, docs_dir, name="words", pattern=r"\w+", **small)
-    with pytest.raises(StageError, match="cannot export tokenizer.json.*possessive"):
-        train(tmp_path, docs_dir, name="group", pattern=r"(?:ab){2}+|[\s\S]", **small)
+    # what tokenizer.json cannot express is refused with the recipe, before any training
+    with pytest.raises(ValidationError, match="pattern.*possessive"):
+        TokenizerConfig(pattern=r"(?:ab){2}+|[\s\S]", **small)
+    with pytest.raises(ValidationError, match=r"pattern .*\(\?s:\.\).* cannot be exported to HF tokenizers"):
+        TokenizerConfig(pattern=r"\w+|(?s:.)", **small)      # fine for tiktoken, not for Oniguruma
+
+
+def test_a_pretrained_pattern_hf_cannot_compile_is_a_stage_error(tmp_path, trained):
+    source, _ = trained
+    reused = tmp_path / "reused"
+    reused.mkdir()
+    (reused / RANKS_FILE).write_bytes((source / RANKS_FILE).read_bytes())
+    config = json.loads((source / CONFIG_FILE).read_text())
+    (reused / CONFIG_FILE).write_text(json.dumps({**config, "pattern": r"\w+|(?s:.)"}))
+    with pytest.raises(StageError, match="cannot export tokenizer.json: pattern .* Oniguruma"):
+        run(TokenizerConfig(pretrained=str(reused)), stage_context(tmp_path, "tokenizer", {}))
+
+
+def test_a_rank_file_without_every_byte_is_refused_naming_it(tmp_path, trained):
+    source, _ = trained
+    lines = (source / RANKS_FILE).read_bytes().splitlines()
+    rank_file = tmp_path / "partial.tiktoken"
+    rank_file.write_bytes(b"\n".join(line for line in lines if line.split()[0] != b"YQ==") + b"\n")   # no "a"
+    # tiktoken itself would panic ("no entry found for key") on the first text holding an "a"
+    with pytest.raises(StageError, match=r"partial.tiktoken: 1 of the 256 single-byte tokens have no rank \(0x61\)"):
+        run(TokenizerConfig(pretrained=str(rank_file)), stage_context(tmp_path, "tokenizer", {}))
 
 
 # --- a pretrained tokenizer: every field changes the output or is rejected ----------------------------
@@ -315,6 +339,7 @@ def test_a_fixed_tokenizer_reads_no_documents(tmp_path, trained, docs_dir):
     ({"colour": "red"}, "colour': unknown field"),
     ({"n_ranks": 5}, "n_ranks"),
     ({"vocab_size": 10}, "vocab_size"),
+    ({"pattern": "(unclosed"}, "pattern' is not a valid split regex"),
 ])
 def test_a_wrong_tokenizer_config_fails_naming_the_field(tmp_path, trained, change, field):
     source, _ = trained

@@ -57,11 +57,12 @@ def utcnow() -> datetime:
 
 
 def committed_output_globs(root: Path, sources: list[tuple[str, str]]) -> list[str]:
-    """Parquet globs of the stage outputs that have `_SUCCESS.json` (a crashed attempt is never read)."""
+    """Parquet globs of the stage outputs that have `_SUCCESS.json` (a crashed attempt is never read, nor an old
+    output a `--force` commit renamed aside to `<fingerprint>.tmp-old-*`)."""
     globs = []
     for stage, pattern in sources:
         for success in sorted(root.glob(f"stages/{stage}/*/_SUCCESS.json")):
-            if any(success.parent.glob(pattern)):
+            if ".tmp-" not in success.parent.name and any(success.parent.glob(pattern)):
                 globs.append(str(success.parent / pattern))
     return globs
 

@@ -54,3 +54,19 @@ def test_documents_view_reads_committed_outputs_only(tmp_path):
         writer.write(Document("not", "done", "src"))
     _, rows = catalog.query("select stage, fingerprint, count(*) from documents group by all", catalog_views())
     assert rows == [("ingest", "abc", 3)]
+
+
+def test_an_output_renamed_aside_by_a_forced_commit_is_not_read(tmp_path):
+    """`--force` renames the old output to `<fp>.tmp-old-*` (with its `_SUCCESS.json`) before removing it; a
+    query in between, or after a kill in between, must not read those documents a second time."""
+    from storage.documents import Document, DocumentWriter
+
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    for folder in ("abc", "abc.tmp-old-5678"):
+        with DocumentWriter(tmp_path / "stages/ingest" / folder / "src") as writer:
+            writer.write_all(Document(f"d{i}", "text", "src") for i in range(3))
+        (tmp_path / "stages/ingest" / folder / "_SUCCESS.json").write_text("{}")
+    _, rows = catalog.query("select stage, fingerprint, count(*) from documents group by all", catalog_views())
+    assert rows == [("ingest", "abc", 3)]
+    catalog.export(tmp_path / "export", catalog_views())
+    assert ".tmp-" not in (tmp_path / "export/views.sql").read_text()

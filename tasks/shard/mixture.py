@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -30,6 +31,7 @@ from storage.formats import Mixture, MixtureSource
 from storage.sampling import unit_hash
 from storage.stage import StageError, StageResult
 from tasks.shard.config import ShardConfig
+from tasks.tokenizer.corpus import check_no_nulls
 
 MIXTURE_SALT = "shard-mixture"
 REPEAT_ID_FORMAT = "<row id>@<k>"
@@ -97,8 +99,16 @@ def document_sources(files: list[Path]) -> set[str]:
     """The source names of the documents, from their `source` column alone (cheap: checked before encoding)."""
     sources: set[str] = set()
     for path in files:
-        column = pq.read_table(path, columns=["source"])["source"]
-        sources.update(pc.unique(column).to_pylist())
+        try:
+            table = pq.read_table(path, columns=["source"])
+        except (pa.ArrowException, KeyError) as exc:
+            raise StageError(f"{path}: cannot read the 'source' column of document Parquet "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        row = 0
+        for batch in table.to_batches():
+            check_no_nulls(path, batch, row)
+            row += batch.num_rows
+        sources.update(pc.unique(table["source"]).to_pylist())
     return sources
 
 

@@ -27,7 +27,10 @@ def select_heldout(files: list[Path], wanted: int) -> set[str]:
     wanted = min(wanted, count_documents(files) // HELDOUT_MAX_SHARE)
     largest_first: list[tuple[float, str]] = []   # a max-heap of the smallest hashes seen so far
     for path in files if wanted else []:
+        row = 0
         for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(columns=["id"], batch_size=65_536):
+            check_no_nulls(path, batch, row)
+            row += batch.num_rows
             for doc_id in batch.column(0).to_pylist():
                 item = (-unit_hash(HELDOUT_SALT, doc_id), doc_id)
                 if len(largest_first) < wanted:
@@ -59,10 +62,25 @@ def read_rows(files: list[Path], columns: list[str]) -> Iterator[tuple]:
             # would grow with the file); one decoding thread: the encoders use the cores, and
             # Arrow's per-thread allocator caches would hold on to ~100 MB.
             parquet = pq.ParquetFile(path, pre_buffer=False)
+            row = 0
             for batch in parquet.iter_batches(batch_size=1024, columns=columns, use_threads=False):
+                check_no_nulls(path, batch, row)
                 yield from zip(*(batch.column(name).to_pylist() for name in columns))
+                row += batch.num_rows
         except (pa.ArrowException, KeyError, ValueError) as exc:
             raise StageError(f"{path}: cannot read it as document Parquet ({type(exc).__name__}: {exc})") from None
+
+
+def check_no_nulls(path: Path, batch: pa.RecordBatch, first_row: int) -> None:
+    """A null id, source or text is named by file, row (and id), not met later as a TypeError."""
+    for name in batch.schema.names:
+        column = batch.column(name)
+        if column.null_count:
+            index = column.is_null().to_numpy(zero_copy_only=False).argmax()
+            ids = batch.column("id") if "id" in batch.schema.names else None
+            which = f" (id {ids[index].as_py()!r})" if ids is not None and ids[index].is_valid else ""
+            raise StageError(f"{path}: row {first_row + int(index)}{which}: field {name!r} is null; "
+                             "every document has an id, a source and a text")
 
 
 class TrainingCorpus:

@@ -202,6 +202,21 @@ def test_bad_inputs_are_named(tmp_path, inputs):
         shard(tmp_path, {"documents": inputs["documents"], "tokenizer": tmp_path}, name="c")
 
 
+def test_a_document_file_with_a_null_field_or_no_source_is_named(tmp_path, inputs):
+    nulls = tmp_path / "nulls"
+    nulls.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["hello", None], "source": ["s", "s"]}), nulls / "p.parquet")
+    no_source = tmp_path / "no_source"
+    no_source.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), no_source / "p.parquet")
+    tokenizer = inputs["tokenizer"]
+    for name, fields in (("plain", {}), ("mixed", {"mixture": {"s": 1.0}})):    # a mixture reads sources first
+        with pytest.raises(StageError, match=r"nulls/p.parquet: row 1 \(id 'b'\): field 'text' is null"):
+            shard(tmp_path, {"documents": nulls, "tokenizer": tokenizer}, name=f"nulls-{name}", **fields)
+        with pytest.raises(StageError, match=r"no_source/p.parquet: cannot read .*source"):
+            shard(tmp_path, {"documents": no_source, "tokenizer": tokenizer}, name=f"no-source-{name}", **fields)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"val_fraction": 1.0}, "val_fraction"),
     ({"max_tokens_per_doc": 0}, "max_tokens_per_doc"),

@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tiktoken.load import load_tiktoken_bpe
@@ -248,6 +249,11 @@ def test_bad_document_input_is_named(tmp_path, docs_dir):
     with pytest.raises(StageError, match="needs the upstream input 'documents'"):
         run(TokenizerConfig(), stage_context(tmp_path, "tokenizer", {}, "noinput"))
     assert pq.ParquetFile(bad / "part-00000.parquet").metadata.num_rows > 0
+    nulls = tmp_path / "null_docs"
+    nulls.mkdir()
+    pq.write_table(pa.table({"id": ["a", None], "text": ["x", "y"], "source": ["s", "s"]}), nulls / "p.parquet")
+    with pytest.raises(StageError, match=r"null_docs/p.parquet: row 1: field 'id' is null"):
+        train(tmp_path, nulls, name="nulls")
 
 
 def test_onig_pattern_keeps_gpt4_number_chunks():

@@ -30,7 +30,8 @@ class ExactConfig(StrictModel):
 
 
 class DecontaminateConfig(StrictModel):
-    """Drop (or only flag) documents sharing an n-gram with an evaluation set (GLUE .tsv, SQuAD .json)."""
+    """Drop (or only flag) documents sharing an n-gram with an evaluation set (GLUE .tsv, SQuAD .json, or the
+    evaluate stage's ARC/PIQA/WinoGrande/LAMBADA/HellaSwag/SWAG .jsonl)."""
 
     enabled: bool = False
     eval_sets: list[Path] = []

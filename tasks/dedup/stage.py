@@ -14,6 +14,8 @@ executors with their completion markers under `ctx.scratch/logs/<pass>/`:
 Stats: `docs_in`, `docs_out`, `dropped/exact/duplicate`, `dropped/minhash/duplicate`,
 `dropped/decontaminate/<eval set>` (or `flagged/decontaminate/<eval set>` in flag mode),
 `minhash/clusters` (clusters of two or more near-duplicates), `decontaminate/<eval set>/ngrams`,
+`decontaminate/<eval set>/texts` and `.../texts_shorter_than_n_gram` (eval texts with fewer words than
+`n_gram`: decontamination cannot find a page that quotes only them),
 the funnel `funnel/<NN>_<step>/<source>/in|out` and `by_source/...` (see `tasks.docpipe.funnel`);
 `docs_in == docs_out + sum(dropped/*)`. Eval sets are named `<folder>-<stem>` (`squad-dev-v2.0-subset`).
 """
@@ -123,7 +125,7 @@ def run(config: DedupConfig, ctx: StageContext) -> StageResult:
     if config.decontaminate.enabled:
         opts = config.decontaminate
         counts = build_index(opts.eval_sets, opts.n_gram, opts.language, job.scratch.data("decont_index"))
-        extra.update({f"decontaminate/{name}/ngrams": n for name, n in counts.items()})
+        extra.update({f"decontaminate/{name}/{what}": n for name, by in counts.items() for what, n in by.items()})
     labels, merged = job.filter_pass()
     result = StageResult(stats={**stage_stats(labels, merged), **extra})
     check_accounting(result.stats)

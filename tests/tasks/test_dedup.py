@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 from dataclasses import replace
@@ -231,3 +232,60 @@ def test_zero_documents_give_an_empty_output(tmp_path):
     assert result.stats["docs_in"] == result.stats["docs_out"] == result.stats["minhash/clusters"] == 0
     assert not any(k.startswith("dropped/") for k in result.stats) and not result.bad_inputs
     assert list(ctx.output.rglob("*.parquet")) == []
+
+
+# --- multiple-choice eval sets (the evaluate stage's files) ------------------------------------------
+
+MULTIPLE_CHOICE = curatedata.SHARED_DATA / "multiple_choice"
+
+
+@pytest.mark.parametrize("path", sorted(MULTIPLE_CHOICE.rglob("*.jsonl")) + sorted(MULTIPLE_CHOICE.rglob("*.json")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_real_multiple_choice_file_yields_its_raw_texts(path):
+    texts = eval_texts(path)
+    assert texts and len(texts) == len(set(texts)) and not any("Question:" in t for t in texts[:50])
+
+
+def test_multiple_choice_texts_are_the_question_alone_and_with_each_choice():
+    arc = eval_texts(MULTIPLE_CHOICE / "arc_easy" / "ARC-Easy-Dev.jsonl")
+    assert arc[:3] == ["Which technology was developed most recently?",
+                       "Which technology was developed most recently? cellular telephone",
+                       "Which technology was developed most recently? television"]
+    piqa = eval_texts(MULTIPLE_CHOICE / "piqa" / "valid.jsonl")     # no labels file needed: both solutions
+    assert piqa[0] == "How do I ready a guinea pig cage for it's new occupants?" and len(piqa) > 2 * 1838
+    wino = eval_texts(MULTIPLE_CHOICE / "winogrande" / "dev.jsonl")
+    assert wino[:2] == ["Sarah was a much better surgeon than Maria so Sarah always got the easier cases.",
+                        "Sarah was a much better surgeon than Maria so Maria always got the easier cases."]
+
+
+def test_a_jsonl_that_is_no_multiple_choice_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "odd.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    with pytest.raises(StageError, match=r"odd.jsonl:1: not a multiple-choice layout .* found fields completion, prompt\)"):
+        eval_texts(tmp_path / "odd.jsonl")
+    (tmp_path / "arc.jsonl").write_text('{"question": {"stem": "q", "choices": []}, "answerKey": "A"}\n'
+                                        '{"question": "flat", "answerKey": "A"}\n')
+    with pytest.raises(StageError, match=r"arc.jsonl:2: not a arc row"):
+        eval_texts(tmp_path / "arc.jsonl")
+
+
+def test_decontamination_against_arc_and_piqa_drops_pages_quoting_them(tmp_path):
+    arc_row = json.loads((MULTIPLE_CHOICE / "arc_challenge" / "ARC-Challenge-Dev.jsonl").read_text().splitlines()[0])
+    piqa_row = json.loads((MULTIPLE_CHOICE / "piqa" / "valid.jsonl").read_text().splitlines()[0])
+    docs = [Document("web/arc", "Science homework help. " + arc_row["question"]["stem"] + " Any ideas?", "web"),
+            Document("web/piqa", f"Pet tips: {piqa_row['goal']} {piqa_row['sol1']}", "web"),
+            *curatedata.wiki_documents("en", 3)]
+    input_dir = curatedata.write_documents(tmp_path / "documents", docs)
+    eval_sets = [MULTIPLE_CHOICE / "arc_challenge" / "ARC-Challenge-Dev.jsonl", MULTIPLE_CHOICE / "piqa" / "valid.jsonl"]
+    config = dedup.DedupConfig(minhash={"enabled": False}, decontaminate={"enabled": True, "eval_sets": eval_sets},
+                               executor={"tasks": 1})
+    ctx = make_ctx(tmp_path, input_dir, "mc")
+    result = dedup.run(config, ctx)
+    assert kept_ids(ctx) == {d.id for d in docs} - {"web/arc", "web/piqa"}
+    assert result.stats["dropped/decontaminate/arc_challenge-ARC-Challenge-Dev"] == 1
+    assert result.stats["dropped/decontaminate/piqa-valid"] == 1
+
+
+def test_eval_texts_too_short_to_be_found_are_counted(deduped):
+    _, result = deduped
+    assert result.stats["decontaminate/sst2-dev/texts"] == 872
+    assert result.stats["decontaminate/sst2-dev/texts_shorter_than_n_gram"] == 256   # 29% of SST-2 dev at 13-grams

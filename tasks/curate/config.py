@@ -1,6 +1,7 @@
 """The curate recipe: one sub-model per step, every threshold a knob, defaults = FineWeb."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -8,6 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from storage.configbase import StrictModel
 from tasks.docpipe.config import ExecutorConfig
+
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z]{2,8})?")
 
 
 class URLFilterConfig(StrictModel):
@@ -42,6 +45,11 @@ class LanguageConfig(StrictModel):
     def _languages_given(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("list at least one language to keep (ISO 639-1 codes such as 'en')")
+        # what the backends report: lowercase ISO 639-1/-3 codes, CLD2 adds a script or region ('zh-Hant')
+        bad = [code for code in value if not LANGUAGE_CODE.fullmatch(code)]
+        if bad:
+            raise ValueError(f"{bad}: not language codes as the backends report them (lowercase ISO 639 codes "
+                             "such as 'en', 'fr', 'zh-Hant'); a document in any other spelling is always dropped")
         return value
 
     @model_validator(mode="after")

@@ -440,6 +440,10 @@ def test_config_rejects_bad_values_naming_the_field():
         curate.CurateConfig(language={"backend": "fasttext"})
     with pytest.raises(ValidationError, match="executor.slurm.partition is required"):
         curate.CurateConfig(executor={"kind": "slurm"})
+    for wrong in (["EN"], ["en", "English"], ["en_US"]):   # accepted before, then every document was dropped
+        with pytest.raises(ValidationError, match=r"language.languages\n.*not language codes as the backends report"):
+            curate.CurateConfig(language={"languages": wrong})
+    assert curate.CurateConfig(language={"languages": ["en", "zh-Hant", "ceb"]}).language.languages[1] == "zh-Hant"
 
 
 def test_fasttext_without_its_model_file_fails_before_running(tmp_path):

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -31,7 +30,7 @@ from storage.formats import Mixture, MixtureSource
 from storage.sampling import unit_hash
 from storage.stage import StageError, StageResult
 from tasks.shard.config import ShardConfig
-from tasks.tokenizer.corpus import check_no_nulls
+from tasks.tokenizer.corpus import document_sources  # noqa: F401  (the shard stage's mix.document_sources)
 
 MIXTURE_SALT = "shard-mixture"
 REPEAT_ID_FORMAT = "<row id>@<k>"
@@ -93,23 +92,6 @@ def plan_mixture(config: ShardConfig, available: dict[str, int]) -> dict[str, So
 def target_tokens(config: ShardConfig, available: dict[str, int]) -> int:
     """The mixture's training tokens: `mixture_tokens`, else as many as all sources have (left-out ones too)."""
     return config.mixture_tokens or sum(available.values())
-
-
-def document_sources(files: list[Path]) -> set[str]:
-    """The source names of the documents, from their `source` column alone (cheap: checked before encoding)."""
-    sources: set[str] = set()
-    for path in files:
-        try:
-            table = pq.read_table(path, columns=["source"])
-        except (pa.ArrowException, KeyError) as exc:
-            raise StageError(f"{path}: cannot read the 'source' column of document Parquet "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-        row = 0
-        for batch in table.to_batches():
-            check_no_nulls(path, batch, row)
-            row += batch.num_rows
-        sources.update(pc.unique(table["source"]).to_pylist())
-    return sources
 
 
 # --- writing the mixture ---------------------------------------------------------------------------

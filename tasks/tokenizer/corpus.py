@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.documents import count_documents, document_files
@@ -81,6 +82,23 @@ def check_no_nulls(path: Path, batch: pa.RecordBatch, first_row: int) -> None:
             which = f" (id {ids[index].as_py()!r})" if ids is not None and ids[index].is_valid else ""
             raise StageError(f"{path}: row {first_row + int(index)}{which}: field {name!r} is null; "
                              "every document has an id, a source and a text")
+
+
+def document_sources(files: list[Path]) -> set[str]:
+    """The source names of the documents, from their `source` column alone (cheap: checked before training or encoding)."""
+    sources: set[str] = set()
+    for path in files:
+        try:
+            table = pq.read_table(path, columns=["source"])
+        except (pa.ArrowException, KeyError) as exc:
+            raise StageError(f"{path}: cannot read the 'source' column of document Parquet "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        row = 0
+        for batch in table.to_batches():
+            check_no_nulls(path, batch, row)
+            row += batch.num_rows
+        sources.update(pc.unique(table["source"]).to_pylist())
+    return sources
 
 
 class TrainingCorpus:

@@ -158,6 +158,10 @@ def test_training_caps_and_source_filter(tmp_path, docs_dir, corpus):
     assert wiki["train_chars"] == sum(min(len(doc.text), 10_000) for doc in wikitext)
     with pytest.raises(StageError, match="sources=\\['nope'\\]"):
         train(tmp_path, docs_dir, name="none", vocab_size=300, sources=["nope"])
+    # a misspelt source beside a real one is named, not silently trained without
+    with pytest.raises(StageError, match="names 'wikitxt', which no document has; the documents' sources are: "
+                                         "cc_warc, ccnet, shakespeare, wget_warc, wikitext"):
+        train(tmp_path, docs_dir, name="typo", vocab_size=300, sources=["wikitext", "wikitxt"])
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -103,11 +103,26 @@ def read_inputs(config: FinetuneConfig, ctx: StageContext) -> Inputs:
             raise StageError(f"finetune needs the {key} stage's output: ctx.inputs has no {key!r} entry")
     model_dir = model_directory(Path(ctx.inputs["pretrain"]))
     spec = ModelSpec.read(model_dir / CONFIG_FILE)
+    refuse_gpt_fields(config, spec)
     tokenizer_dir = Path(ctx.inputs["tokenizer"])
     check_tokenizer(spec, model_dir / CONFIG_FILE, tokenizer_dir)
     tokenizer = TokenizerFile.read(tokenizer_dir / TOKENIZER_CONFIG)
     specials, extra_rows = task_specials(spec, tokenizer, config)
     return Inputs(model_dir, spec, load_encoding(tokenizer_dir), specials, extra_rows)
+
+
+def refuse_gpt_fields(config: FinetuneConfig, spec: ModelSpec) -> None:
+    """GPT-1's knobs (task tokens, the auxiliary LM loss) set for a BERT would change nothing: refused, named."""
+    if spec.arch != "bert":
+        return
+    given = [f"task_tokens.{role}" for role in GPT_TOKENS if getattr(config.task_tokens, role) is not None]
+    default = TaskConfig.model_fields["lm_weight"].default       # GPT-1's 0.5, which a BERT leaves at 0
+    given += [f"tasks[{task.name}].lm_weight={task.lm_weight:g}" for task in config.tasks
+              if task.lm_weight not in (0, default)]
+    if given:
+        raise StageError(f"finetune: {', '.join(given)} set, but the pretrained model is a BERT: GPT-1's task tokens "
+                         "and auxiliary LM loss apply to a GPT only (BERT reads [CLS]/[SEP] and fine-tunes without an "
+                         "LM loss); remove them")
 
 
 def task_specials(spec: ModelSpec, tokenizer: TokenizerFile, config: FinetuneConfig) -> tuple[Specials, int]:

@@ -292,3 +292,14 @@ def test_bert_reads_cls_pairs_spans_and_tags(bert, tmp_path):
         assert json.loads((output / name / "task.json").read_text())["hyperparameters"]["lm_weight"] == 0.0
     assert len(json.loads((output / "squad2/predictions.json").read_text())) == 24
     assert {"sst2/accuracy", "stsb/pearson", "squad2/exact", "ner/f1", "arc/accuracy"} <= set(result.stats)
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"task_tokens": {"start": "[CLS]"}}, r"task_tokens\.start"),
+    ({"tasks": [{**ALL_KINDS[0], "lm_weight": 1.0}]}, r"tasks\[sst2\]\.lm_weight=1"),
+])
+def test_gpt1_knobs_are_refused_for_a_bert_instead_of_doing_nothing(bert, tmp_path, fields, named):
+    """A BERT has no task tokens and no auxiliary LM loss: these fields used to be ignored silently (yet fingerprinted)."""
+    with pytest.raises(StageError, match=named + r".*the pretrained model is a BERT"):
+        finetune(tmp_path, bert, **{"tasks": [ALL_KINDS[0]], **fields})
+    assert not (tmp_path / "finetune" / "sst2").exists()

@@ -2,8 +2,8 @@
 
 The GLUE table has the BERT paper's Table 1 columns (MNLI-m/mm, QQP, QNLI, SST-2, CoLA, STS-B, MRPC,
 RTE; WNLI after them, as the paper leaves it out of its average) and the mean of the official metrics
-present, x100. QQP and MRPC show F1/accuracy, STS-B Pearson/Spearman as in the GLUE leaderboard, the
-first of each pair entering the average as BERT's does.
+present, x100. QQP and MRPC show F1/accuracy, STS-B Pearson/Spearman as in the GLUE leaderboard; the
+average takes what BERT's Table 1 reports: F1 for QQP and MRPC, Spearman for STS-B (`AVERAGED`).
 """
 from __future__ import annotations
 
@@ -19,17 +19,21 @@ GLUE_COLUMNS = (("MNLI-m/mm", ("mnli-m", "mnli-mm"), ("accuracy",)), ("QQP", ("q
                 ("CoLA", ("cola",), ("matthews_corrcoef",)), ("STS-B", ("stsb",), ("pearson", "spearmanr")),
                 ("MRPC", ("mrpc",), ("f1", "accuracy")), ("RTE", ("rte",), ("accuracy",)),
                 ("WNLI", ("wnli",), ("accuracy",)))
+AVERAGED = {"STS-B": "spearmanr"}      # BERT's Table 1: "Spearman correlations are reported for STS-B"
 
 
-def glue_cell(results: dict[str, dict[str, float]], sets: tuple[str, ...],
-              names: tuple[str, ...]) -> tuple[str, float | None]:
-    """(the cell's text, the number it adds to the average) for one column; '-' when not run."""
+def glue_cell(results: dict[str, dict[str, float]], sets: tuple[str, ...], names: tuple[str, ...],
+              averaged: str | None = None) -> tuple[str, float | None]:
+    """(the cell's text, the number it adds to the average: `averaged`, else the first name) for one column;
+    '-' when not run."""
     if len(sets) > 1:               # MNLI: one metric on two evaluation sets
         values = [results[s][names[0]] for s in sets if s in results]
         shown = [f"{results[s][names[0]] * 100:.1f}" if s in results else "-" for s in sets]
     else:
         values = [results[sets[0]][n] for n in names] if sets[0] in results else []
         shown = [f"{v * 100:.1f}" for v in values] or ["-"]
+    if averaged is not None and values:
+        return "/".join(shown), results[sets[0]][averaged]
     return "/".join(shown), (values[0] if values else None)
 
 
@@ -38,7 +42,7 @@ def glue_table(results: dict[str, dict[str, float]], counts: dict[str, str], tit
     header = [name for name, _, _ in GLUE_COLUMNS]
     cells, averaged = [], []
     for name, sets, names in GLUE_COLUMNS:
-        text, value = glue_cell(results, sets, names)
+        text, value = glue_cell(results, sets, names, AVERAGED.get(name))
         cells.append(text)
         if value is not None and name != "WNLI":
             averaged.append(value)
@@ -48,7 +52,8 @@ def glue_table(results: dict[str, dict[str, float]], counts: dict[str, str], tit
              f"| {title} | {' | '.join(cells)} | {average} |", f"| train / eval examples | {' | '.join(sizes)} | |"]
     note = ("Scores x100 on each task's evaluation set (the dev set, or a seeded carve-out where a task ships one "
             "file). QQP and MRPC: F1/accuracy; STS-B: Pearson/Spearman; CoLA: Matthews correlation; others "
-            f"accuracy. The average is over the {len(averaged)} columns present, WNLI excluded as in the BERT paper.")
+            f"accuracy. The average is over the {len(averaged)} columns present (F1 for QQP and MRPC, Spearman for "
+            "STS-B), WNLI excluded, as in the BERT paper.")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

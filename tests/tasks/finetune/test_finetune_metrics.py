@@ -89,3 +89,15 @@ def test_conll_f1_by_hand(gold):
 def test_conll_scores_sum_over_sentences():
     scores = conll_scores([["B-PER"], ["O"]], [["B-PER"], ["B-LOC"]])
     assert (scores["precision"], scores["recall"]) == (1.0, 0.5)
+
+
+def test_the_glue_table_averages_what_berts_table_1_reports():
+    """F1 for MRPC/QQP and Spearman for STS-B enter the average (BERT's Table 1); STS-B's Pearson used to."""
+    from tasks.finetune.report import glue_table
+
+    results = {"stsb": {"pearson": 0.80, "spearmanr": 0.60}, "mrpc": {"f1": 0.90, "accuracy": 0.70},
+               "cola": {"matthews_corrcoef": 0.30, "accuracy": 0.75}, "wnli": {"accuracy": 0.10}}
+    header, _, scores, _ = glue_table(results, {}, "t").splitlines()[:4]
+    cell = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in scores.split("|")[1:-1]]))
+    assert (cell["STS-B"], cell["MRPC"], cell["CoLA"], cell["QQP"]) == ("80.0/60.0", "90.0/70.0", "30.0", "-")
+    assert cell["Average"] == f"{(0.60 + 0.90 + 0.30) / 3 * 100:.1f}"            # WNLI left out

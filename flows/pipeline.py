@@ -75,13 +75,15 @@ def pipeline(config: PipelineConfig, workspace: str = "./workspace", only: list[
     """Runs the recipe's stages; finished stages are reused, `force` recomputes the named ones."""
     ws = Workspace.at(workspace)
     selected = select_stages(config, only, until, force)
-    info = start_pipeline_run(config, ws)
+    started: list[RunInfo] = []
     try:
+        info = start_pipeline_run(config, ws, started)
         outcomes = _run_stages(config, ws, selected, set(force or []), info)
         log_headlines(info, outcomes)
         publish_run_links(info, config)
     except BaseException as err:
-        finish_pipeline_run(info, "failed" if isinstance(err, Exception) else "killed")
+        if started:     # a SIGTERM while the run's records were being opened ends them too
+            finish_pipeline_run(started[0], "failed" if isinstance(err, Exception) else "killed")
         raise
     finish_pipeline_run(info, "finished")
     return outcomes
@@ -156,15 +158,23 @@ def _upstream_digests(planned: PlannedStage, ws: Workspace) -> dict[str, str]:
     return digests
 
 
-def start_pipeline_run(config: PipelineConfig, ws: Workspace) -> RunInfo:
-    """Marks runs that died by SIGKILL, then opens the catalog row and the MLflow parent run."""
+def start_pipeline_run(config: PipelineConfig, ws: Workspace, started: list[RunInfo] | None = None) -> RunInfo:
+    """Marks runs that died by SIGKILL, then opens the MLflow parent run and the catalog row.
+
+    The run is appended to `started` as soon as its MLflow run exists, so a signal or an error while the rest
+    is recorded still lets the caller end it.
+    """
     catalog, tracker = open_stores(ws, config.experiment)
     mark_dead_runs(catalog, tracker)
     run_id = uuid.uuid4().hex[:16]
     tags = {"lmforge.run_id": run_id, "lmforge.recipe": config.name, "lmforge.pid": str(os.getpid()),
             "lmforge.host": socket.gethostname(), "lmforge.workspace": str(ws.root), **ablation_tags(config)}
     params = config.model_dump(mode="json", exclude_none=True, exclude={"ablation"})
-    parent = tracker.start_run(config.name, params, tags)
+    parent = tracker.start_run(config.name, tags=tags)
+    info = RunInfo(run_id, ws, tracker, catalog, parent, config.seed)
+    if started is not None:
+        started.append(info)
+    tracker.log_params(parent, params)
     if config.ablation is not None:
         # the variant's own changes, so MLflow's compare view lines variants up by what differs
         tracker.log_params(parent, {f"override.{key}": value for key, value in config.ablation.overrides.items()})
@@ -172,7 +182,7 @@ def start_pipeline_run(config: PipelineConfig, ws: Workspace) -> RunInfo:
         catalog.record_ablation(tag.grid, tag.variant, tag.position, tag.seed, run_id)
     catalog.start_pipeline(run_id, config.name, os.getpid(), config.model_dump_json(exclude_none=True), parent,
                            _prefect_flow_run_id())
-    return RunInfo(run_id, ws, tracker, catalog, parent, config.seed)
+    return info
 
 
 def ablation_tags(config: PipelineConfig) -> dict[str, str]:
@@ -215,8 +225,11 @@ def publish_run_links(info: RunInfo, config: PipelineConfig) -> None:
 
 
 def finish_pipeline_run(info: RunInfo, status: str) -> None:
+    """The run's catalog row, its stage rows still `running` and its MLflow runs (nested ones too) end `status`."""
     info.catalog.finish_pipeline(info.run_id, status)
     info.catalog.mark_stale_stages(info.run_id, status if status != "finished" else "failed")
+    if status != "finished":     # a stage stopped while its records were being opened
+        info.tracker.end_running_children(info.parent_mlflow_run_id, status.upper())
     info.tracker.end_run(info.parent_mlflow_run_id, status.upper())
 
 

@@ -167,6 +167,14 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def end_running_children(self, parent_run_id: str, status: str) -> list[str]:
+        """Nested runs of `parent_run_id` still RUNNING end with `status`; returns their ids."""
+        running = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+        for run in running:
+            self.end_run(run.info.run_id, status)
+        return [run.info.run_id for run in running]
+
     def mark_dead_runs(self, is_dead: Callable[[dict[str, str]], bool]) -> list[str]:
         """Runs still RUNNING whose process is gone (`is_dead(tags)`) become KILLED; returns their ids."""
         running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",

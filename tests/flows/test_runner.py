@@ -23,3 +23,37 @@ def test_force_must_name_a_stage_this_run_executes():
     assert select_stages(config, None, None, ["tokenizer"]) == ["ingest", "tokenizer"]
     with pytest.raises(StageSelectionError, match="--force ingest: not among the stages this run executes"):
         select_stages(config, ["tokenizer"], None, ["ingest"])
+
+
+def test_a_run_stopped_while_its_records_open_ends_killed_with_every_nested_run(tmp_path, monkeypatch):
+    """SIGTERM (SystemExit) or Ctrl-C can land while the run's or a stage's records are being opened; the catalog
+    row and every MLflow run still end KILLED, none stays `running` until the next start marks it."""
+    from cliutil import catalog_rows
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import finish_pipeline_run, pipeline, start_pipeline_run
+    from storage.catalog import Catalog
+    from storage.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    config = PipelineConfig.model_validate({"ingest": {"sources": [{"name": "w", "kind": "wiki_offline"}]}})
+    recorded = Catalog.start_pipeline
+
+    def row_then_signal(self, *args):
+        recorded(self, *args)
+        raise KeyboardInterrupt      # arrives just after the row is written, before the stages start
+
+    monkeypatch.setattr(Catalog, "start_pipeline", row_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.fn(config=config, workspace=str(ws))
+    monkeypatch.undo()
+    assert catalog_rows(ws, "select status from pipeline_runs") == [("killed",)]
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lmforge").experiment_id
+    assert [r.info.status for r in client.search_runs([experiment])] == ["KILLED"]
+
+    info = start_pipeline_run(config, Workspace(ws))
+    stage_run = info.tracker.start_run("ingest", tags={"lmforge.stage": "ingest"}, parent_run_id=info.parent_mlflow_run_id)
+    finish_pipeline_run(info, "killed")       # the stage was stopped before its own records could end it
+    assert client.get_run(stage_run).info.status == "KILLED"
+    assert client.get_run(info.parent_mlflow_run_id).info.status == "KILLED"

@@ -8,8 +8,10 @@ once, whichever process gets there first.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,21 +50,71 @@ def publish_dashboard(ws: Workspace, grid: str) -> None:
 
 
 def run_in_processes(variants: list[Variant], recipes: dict[str, Path], ws: Workspace, max_parallel: int) -> None:
-    """`lmforge run <variant recipe>` per variant, `max_parallel` at a time; fails naming every failed variant."""
+    """`lmforge run <variant recipe>` per variant, `max_parallel` at a time; fails naming every failed variant.
+
+    Stopped itself (SIGTERM, Ctrl-C), it starts no further variant and stops the running ones with SIGTERM, so
+    they end KILLED too instead of running on unwatched.
+    """
     env = {**os.environ, "PREFECT_API_URL": os.environ.get("PREFECT_API_URL") or _current_api_url()}
+    children = Children()
     with ThreadPoolExecutor(max_parallel) as pool:
-        codes = list(pool.map(lambda v: _run_variant(recipes[v.label], ws, env), variants))
+        futures = [pool.submit(_run_variant, recipes[v.label], ws, env, children) for v in variants]
+        try:
+            codes = [future.result() for future in futures]
+        except BaseException:
+            children.stop()
+            raise
     failed = [f"{v.label} (exit {code}; log: {recipes[v.label].with_suffix('.log')})"
               for v, code in zip(variants, codes) if code != 0]
     if failed:
         raise StageError(f"{len(failed)} of {len(variants)} variants failed: {', '.join(failed)}")
 
 
-def _run_variant(recipe: Path, ws: Workspace, env: dict[str, str]) -> int:
+class Children:
+    """The variant processes running now; once stopped, none starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self._stopped = False
+
+    def start(self, command: list[str], **kwargs: Any) -> subprocess.Popen | None:
+        with self._lock:
+            if self._stopped:
+                return None
+            proc = subprocess.Popen(command, **kwargs)
+            self._running.add(proc)
+            return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGTERM to every running variant (each records itself KILLED), SIGKILL after `grace_s`."""
+        with self._lock:
+            self._stopped = True
+            running = list(self._running)
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _run_variant(recipe: Path, ws: Workspace, env: dict[str, str], children: Children) -> int:
     command = [sys.executable, "-m", "flows.cli", "run", str(recipe), "-w", str(ws.root)]
     with open(recipe.with_suffix(".log"), "w") as log:
         # the user's working directory: recipe paths are relative to it
-        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = children.start(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc is None:
+            return -signal.SIGTERM        # the grid was stopped before this variant started
+        try:
+            return proc.wait()
+        finally:
+            children.finished(proc)
 
 
 def _current_api_url() -> str:

@@ -163,3 +163,41 @@ def test_two_ablate_processes_of_one_grid_at_once_both_finish_and_build_every_st
     built = catalog_rows(ws, "select stage, fingerprint, count(*) from stage_runs where not cached group by all")
     assert len(built) == 5 and all(count == 1 for _, _, count in built)
     assert catalog_rows(ws, "select count(*) from ablations") == [(6,)]      # 3 variants, twice
+
+
+def test_sigterm_to_a_parallel_ablate_stops_its_variants_and_starts_no_more(tmp_path: Path, shared_data: Path,
+                                                                            prefect_api: str) -> None:
+    """`kill <ablate pid>` (Slurm, Prefect cancel, systemd) signals the parent only: its variant processes end
+    KILLED with it, instead of running on and finishing, and no queued variant starts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cliutil import REPO_ROOT
+    from test_cli import big_jsonl
+
+    base = write_recipe(tmp_path / "base.yaml", {"name": "base", "ingest": {"sources": [
+        {"name": "plays", "kind": "jsonl", "paths": [str(big_jsonl(tmp_path / "big.jsonl", shared_data, 20))]}]}})
+    grid = write_recipe(tmp_path / "grid.yaml", {"name": "stop", "base": str(base), "variants": {
+        "a": {}, "b": {"ingest.sources.0.max_doc_chars": 100000}, "c": {"ingest.sources.0.max_doc_chars": 200000}}})
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ablate", str(grid), "-w", str(ws), "--max-parallel",
+                             "2"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(ws.glob("stages/ingest/*.tmp-*/*/part-*.parquet")) and time.time() < deadline:
+        assert proc.poll() is None, "ablate ended before its variants wrote anything"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) != 0
+    runs = catalog_rows(ws, "select a.variant, p.status, p.pid from pipeline_runs p join ablations a using (run_id)")
+    assert runs and {status for _, status, _ in runs} == {"killed"}, runs
+    assert "c" not in {variant for variant, _, _ in runs}            # the queued variant never started
+    for _, _, pid in runs:
+        try:
+            os.kill(pid, 0)
+            raise AssertionError(f"variant process {pid} still runs")
+        except ProcessLookupError:
+            pass
+    assert not list(ws.glob("stages/ingest/*/_SUCCESS.json"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.compare import GRID_RUNS_CTE, Cell
+from flows.compare import GRID_RUNS_CTE, Cell, current_members
 from storage.catalog import Catalog
 from storage.workspace import Workspace
 
@@ -84,11 +84,11 @@ class Selection:
 
 
 def select(ws: Workspace, grid: str | None) -> Selection:
-    """A grid's latest finished run per (variant, seed), or the workspace's latest finished pipeline run."""
+    """A grid's latest finished run per (variant, seed) it has now, or the workspace's latest finished pipeline run."""
     if not ws.catalog_path.is_file():
         raise NothingToShowError(f"no catalog at {ws.catalog_path}: run a recipe or a grid first, or pass --workspace")
     catalog = Catalog(ws.catalog_path)
-    rows = catalog.query(GRID_RUNS, params=[grid])[1] if grid else _latest_run(catalog)
+    rows = current_members(ws, grid, catalog.query(GRID_RUNS, params=[grid])[1]) if grid else _latest_run(catalog)
     if not rows:
         what = f"ablation grid {grid!r}" if grid else "pipeline run"
         raise NothingToShowError(f"no finished {what} in {ws.root}: run `lmforge {'ablate' if grid else 'run'}` first")

@@ -115,8 +115,11 @@ def variant_recipe(grid: Grid, base: dict[str, Any], name: str, position: int, o
 
 def write_variant_recipes(grid: Grid, variants: list[Variant], ws: Workspace) -> dict[str, Path]:
     """Each variant's full recipe as JSON under `<workspace>/ablations/<grid>/`: what `lmforge run` reruns."""
+    from flows.compare import write_members
+
     folder = ws.root / "ablations" / grid.name
     folder.mkdir(parents=True, exist_ok=True)
+    write_members(ws, grid.name, [(variant.name, variant.seed) for variant in variants])
     paths = {}
     for variant in variants:
         path = folder / f"{variant.config.name}.json"

@@ -1,7 +1,7 @@
 """`lmforge compare GRID`: the variant x metric table of an ablation grid, with mean and spread over seeds.
 
 The metrics are every stage's headline counters (`Stage.headline`), named `<stage>/<counter>`, read
-from the catalog: for each (variant, seed), the latest finished pipeline run recorded for the grid.
+from the catalog: for each (variant, seed) the grid has now, the latest finished pipeline run recorded for it.
 """
 from __future__ import annotations
 
@@ -32,6 +32,28 @@ LATEST_RUNS = GRID_RUNS_CTE + """
     from runs r join stage_runs s using (run_id)
     where r.newest = 1 and s.status = 'finished'
     order by r.position, r.variant, r.seed, s.started_at"""
+
+
+MEMBERS_FILE = "grid.json"      # in ablations/<grid>/: the (variant, seed) pairs of the grid as last ablated
+
+
+def write_members(ws: Workspace, grid: str, members: list[tuple[str, int]]) -> Path:
+    """Records which (variant, seed) pairs the grid has now, so a variant or seed since removed is not compared."""
+    path = ws.root / "ablations" / grid / MEMBERS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"grid": grid, "members": [[variant, seed] for variant, seed in members]}, indent=2))
+    return path
+
+
+def current_members(ws: Workspace, grid: str, rows: list[tuple]) -> list[tuple]:
+    """The catalog rows `(variant, seed, ...)` of the grid's current variants and seeds (all of them when the
+    grid's members were never recorded)."""
+    try:
+        members = {(variant, int(seed)) for variant, seed in
+                   json.loads((ws.root / "ablations" / grid / MEMBERS_FILE).read_text())["members"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return rows
+    return [row for row in rows if (row[0], int(row[1])) in members]
 
 
 class NoSuchGridError(LookupError):
@@ -71,7 +93,7 @@ class Comparison:
 def compare_grid(ws: Workspace, grid: str) -> Comparison:
     """Reads the grid's latest finished runs and their stages' headline counters from the catalog."""
     catalog = Catalog(ws.catalog_path)
-    _, runs = catalog.query(LATEST_RUNS, params=[grid])
+    runs = current_members(ws, grid, catalog.query(LATEST_RUNS, params=[grid])[1])
     if not runs:
         raise NoSuchGridError(f"no finished run of ablation grid {grid!r} in {ws.root}: run `lmforge ablate` first")
     _, stats = catalog.query("select stage, fingerprint, name, value from stage_stats")

@@ -201,3 +201,30 @@ def test_sigterm_to_a_parallel_ablate_stops_its_variants_and_starts_no_more(tmp_
         except ProcessLookupError:
             pass
     assert not list(ws.glob("stages/ingest/*/_SUCCESS.json"))
+
+
+def test_compare_and_the_dashboard_show_only_the_variants_and_seeds_the_grid_has_now(grid: Path, tmp_path: Path) -> None:
+    """A variant removed from the grid, or a seed dropped, must not stay in the table, the mean ± std or the
+    dashboard's verdict once the grid is ablated again."""
+    from dashboards.queries import select
+    from flows.ablation import write_variant_recipes
+    from flows.compare import compare_grid
+    from storage.catalog import Catalog, utcnow
+
+    ws = Workspace.at(tmp_path / "ws")
+    catalog = Catalog(ws.catalog_path)
+    earlier = [("full", 1337, 48), ("full", 7, 30), ("renamed_since", 1337, 99), ("dolma5", 1337, 43)]
+    for position, (variant, seed, docs) in enumerate(earlier):
+        run_id, fingerprint = f"run{position}", f"fp{position}"
+        catalog.start_pipeline(run_id, f"tiny-{variant}", 1, "{}", None, None)
+        catalog.record_ablation("tiny", variant, position, seed, run_id)
+        catalog.record_stage({"run_id": run_id, "stage": "ingest", "fingerprint": fingerprint, "status": "finished",
+                              "cached": False, "started_at": utcnow(), "output_dir": str(ws.root / fingerprint)})
+        catalog.record_stats(fingerprint, "ingest", {"docs_out": docs})
+        catalog.finish_pipeline(run_id, "finished")
+    assert compare_grid(ws, "tiny").variants == ["full", "renamed_since", "dolma5"]   # nothing says what the grid is
+    write_variant_recipes(load_grid(grid), expand(load_grid(grid)), ws)   # now: full, dolma5, no_shard; seed 1337
+    table = compare_grid(ws, "tiny")
+    assert table.variants == ["full", "dolma5"]
+    assert {(r["variant"], r["mean"], r["seeds"]) for r in table.rows} == {("full", 48, 1), ("dolma5", 43, 1)}
+    assert [(run.variant, run.seed) for run in select(ws, "tiny").runs] == [("full", 1337), ("dolma5", 1337)]

@@ -21,7 +21,7 @@ from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
 from flows.ablate import ablation
-from flows.ablation import is_grid_file, load_grid
+from flows.ablation import expand, is_grid_file, load_grid
 from flows.pipeline import pipeline
 from flows.recipe import PipelineConfig, load_recipe
 
@@ -56,6 +56,7 @@ def recipe_deployments(config: PipelineConfig, workspace: Path,
 
 def grid_deployment(path: Path, workspace: Path, options: dict[str, Any] | None = None) -> RunnerDeployment:
     grid = load_grid(path)
+    expand(grid)        # a missing base or a broken variant is named now, not in every scheduled run
     return ablation.to_deployment(name=grid.name, tags=TAGS, description=f"ablation grid {grid.name}",
                                   parameters={"grid": grid.model_dump(mode="json"), "workspace": str(workspace),
                                               "max_parallel": 1}, **(options or {}))

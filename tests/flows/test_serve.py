@@ -52,3 +52,13 @@ def test_serve_registers_scheduled_deployments_that_run_from_the_api(nightly: Pa
         output = proc.communicate(timeout=60)[0]
     schedules = deployments_of("nightly-test")["lmforge-pipeline/nightly-test"].schedules
     assert all(s.active for s in schedules), output[-2000:]            # stopping serve pauses nothing
+
+
+def test_a_grid_with_a_broken_variant_is_refused_when_served(tmp_path: Path, nightly: Path) -> None:
+    from flows.recipe import RecipeError
+    from flows.serve import deployments
+
+    grid = write_recipe(tmp_path / "grid.yaml", {"name": "g", "base": str(nightly),
+                                                 "variants": {"ok": {}, "typo": {"ingest.sources.0.max_doc": 5}}})
+    with pytest.raises(RecipeError, match=r"variant typo\): ingest.sources.0.jsonl.max_doc: unknown key"):
+        deployments([grid], tmp_path / "ws")

@@ -102,10 +102,14 @@ def save_vocabulary(vocab: Vocabulary, directory: Path) -> None:
 def read_vocabulary(directory: Path) -> Vocabulary:
     """Reads a directory written by `save_vocabulary`, checking the two files agree."""
     directory = Path(directory)
-    config = _read_config(directory / CONFIG_FILE)
     ranks_path = directory / RANKS_FILE
+    missing = f"{ranks_path}: missing; a tokenizer directory holds {RANKS_FILE} and {CONFIG_FILE}"
+    if not ranks_path.is_file() and (directory / HF_FILE).is_file():   # its tokenizer_config.json is HF's own
+        raise StageError(f"{missing}; {directory} looks like a Hugging Face tokenizer folder ({HF_FILE}), which "
+                         f"is not read: give a tiktoken name, a {RANKS_FILE} rank file or a tokenizer stage output")
+    config = _read_config(directory / CONFIG_FILE)
     if not ranks_path.is_file():
-        raise StageError(f"{ranks_path}: missing; a tokenizer directory holds {RANKS_FILE} and {CONFIG_FILE}")
+        raise StageError(missing)
     ranks = read_rank_file(ranks_path)
     problem = pattern_problem(config.pattern)
     if problem:

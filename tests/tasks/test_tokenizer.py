@@ -288,6 +288,16 @@ def test_a_pretrained_pattern_hf_cannot_compile_is_a_stage_error(tmp_path, train
         run(TokenizerConfig(pretrained=str(reused)), stage_context(tmp_path, "tokenizer", {}))
 
 
+def test_a_hugging_face_tokenizer_folder_is_named_as_such(tmp_path, trained):
+    source, _ = trained
+    hf_folder = tmp_path / "hf_folder"       # what `save_pretrained` writes: no rank file, HF's own config
+    hf_folder.mkdir()
+    (hf_folder / HF_FILE).write_bytes((source / HF_FILE).read_bytes())
+    (hf_folder / CONFIG_FILE).write_text(json.dumps({"model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer"}))
+    with pytest.raises(StageError, match=f"hf_folder/{RANKS_FILE}: missing.*Hugging Face tokenizer folder"):
+        run(TokenizerConfig(pretrained=str(hf_folder)), stage_context(tmp_path, "tokenizer", {}))
+
+
 def test_a_rank_file_without_every_byte_is_refused_naming_it(tmp_path, trained):
     source, _ = trained
     lines = (source / RANKS_FILE).read_bytes().splitlines()

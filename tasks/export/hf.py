@@ -199,7 +199,8 @@ def _layer_norm(get, ours: str, theirs: str, width: int) -> dict[str, torch.Tens
 
 
 def write_tokenizer(folder: Path, spec: ModelSpec, tokenizer_dir: Path) -> None:
-    """tokenizer.json (same ids as tiktoken), tokenizer_config.json, special_tokens_map.json."""
+    """tokenizer.json (same ids as tiktoken's encode_ordinary: plain text never becomes a special token),
+    tokenizer_config.json, special_tokens_map.json."""
     vocab = read_vocabulary(tokenizer_dir)
     tokenizer = hf_tokenizer(vocab)
     if spec.arch == "bert":     # [CLS] A [SEP] (B [SEP]), as lmforge's BERT was trained
@@ -210,6 +211,7 @@ def write_tokenizer(folder: Path, spec: ModelSpec, tokenizer_dir: Path) -> None:
     tokenizer.save(str(folder / "tokenizer.json"), pretty=False)
     specials = BERT_SPECIALS if spec.arch == "bert" else {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     _json(folder / "special_tokens_map.json", specials)
+    # split_special_tokens: a special token's name inside text is text (lmforge's encode_ordinary), never its id.
     _json(folder / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
                                              "model_max_length": spec.seq_len, "clean_up_tokenization_spaces": False,
-                                             "add_prefix_space": False, **specials})
+                                             "add_prefix_space": False, "split_special_tokens": True, **specials})

@@ -90,6 +90,17 @@ def test_the_tokenizer_gives_identical_ids_and_decodes_back(exported, encoding, 
         assert tokenizer.decode(ids) == text
 
 
+@pytest.mark.parametrize("loader", ["PreTrainedTokenizerFast", "AutoTokenizer"])
+def test_special_token_names_in_text_stay_text(exported, encoding, loader):
+    """"<|endoftext|>" or "[CLS]" written in a document is text, as lmforge encodes it; HF used to give the special id."""
+    tokenizer = getattr(transformers, loader).from_pretrained(exported)
+    text = "a <|endoftext|> b [CLS] c[SEP][PAD]"
+    ids = encoding.encode_ordinary(text)
+    assert encoding.eot_token not in ids
+    assert tokenizer.encode(text) == ids == tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+
+
 def test_greedy_generation_gives_the_same_tokens(exported, lm, encoding, tmp_path):
     ours, spec = load_pretrained(lm.pretrain, "cpu", lm.tokenizer)
     noisy_dir = tmp_path / "noisy-model"

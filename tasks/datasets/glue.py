@@ -19,7 +19,7 @@ import csv
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.datasets.badrows import BadRow, OnBad
@@ -57,12 +57,14 @@ class GlueTask:
 
 @dataclass(frozen=True)
 class GlueExample:
-    """One row: `id` is the file's `index`/`id` column, else the row's number (0-based) among data rows."""
+    """One row: `id` is the file's `index`/`id` column, else the row's number (0-based) among data rows;
+    `line` is its 1-based line in the TSV (Parquet: its row), for messages about it."""
 
     id: str
     text_a: str
     text_b: str | None
     label: Label | None
+    line: int | None = field(default=None, compare=False)
 
     def texts(self) -> list[str]:
         """The example's texts (what decontamination looks for)."""
@@ -193,7 +195,7 @@ def _example(path: Path, line: int, spec: GlueTask, columns: _Columns, row: list
         raise DatasetError(f"{path}:{line}: expected {columns.width} tab-separated fields, found {len(row)}")
     label = None if columns.label is None else _label(path, line, spec, row[columns.label])
     return GlueExample(id=row[columns.id] if columns.id is not None else str(number), text_a=row[columns.text_a],
-                       text_b=None if columns.text_b is None else row[columns.text_b], label=label)
+                       text_b=None if columns.text_b is None else row[columns.text_b], label=label, line=line)
 
 
 def _label(path: Path, line: int, spec: GlueTask, value: str) -> Label:
@@ -228,7 +230,7 @@ def _parquet_examples(path: Path, spec: GlueTask, on_bad: OnBad) -> Iterator[Glu
     for row, (idx, record) in enumerate(zip(ids, table.select(wanted).to_pylist()), start=1):
         try:
             yield GlueExample(str(idx), record[columns[0]], record[columns[1]] if columns[1] else None,
-                              _hf_label(path, row, spec, record["label"]))
+                              _hf_label(path, row, spec, record["label"]), row)
         except DatasetError as err:
             if on_bad is None:
                 raise

@@ -110,10 +110,10 @@ def _glue_reader(task: TaskConfig) -> Callable[[Path, OnBad], list[TextExample]]
 def _usable(path: Path, row: GlueExample, on_bad: OnBad) -> bool:
     """A labelled row with its text(s) present; the loader already refused unknown labels and short rows."""
     if row.label is None:
-        on_bad(BadRow(str(path), None, "no_label", f"row id {row.id}: no label (a test file?)"))
+        on_bad(BadRow(str(path), row.line, "no_label", f"row id {row.id}: no label (a test file?)"))
         return False
     if not row.text_a.strip() or (row.text_b is not None and not row.text_b.strip()):
-        on_bad(BadRow(str(path), None, "empty_text", f"row id {row.id}: a sentence is empty"))
+        on_bad(BadRow(str(path), row.line, "empty_text", f"row id {row.id}: a sentence is empty"))
         return False
     return True
 

@@ -80,3 +80,21 @@ def test_the_recipes_validate_and_name_files_that_exist(recipe):
         assert {t.name for t in section.tasks} == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
     if recipe.endswith("finance.yaml"):
         assert all(t.sample_efficiency and t.sample_efficiency.fractions == [0.1, 0.2, 0.5, 1.0] for t in section.tasks)
+
+
+def test_glue_rows_without_text_are_counted_with_their_line(tmp_path):
+    """A row the GLUE reader accepts but a task cannot train on (an empty sentence) names its line; it used to be
+    reported with no line, only a 0-based row number."""
+    from tasks.finetune.config import TaskConfig
+    from tasks.finetune.data import BadRowCounter, read_file
+
+    folder = tmp_path / "rte"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tHe sleeps.\tentailment\n"
+                                      "1\tA dog runs.\t \tnot_entailment\n\n2\tIt rains.\tIt is dry.\tnot_entailment\n")
+    task = TaskConfig.model_validate({"name": "rte", "kind": "glue", "train": str(folder / "train.tsv"),
+                                      "split": {}})
+    bad = BadRowCounter()
+    examples = read_file(task, task.train, bad)
+    assert [e.id for e in examples] == ["0", "2"]
+    assert [(row.path, row.line, row.reason) for row in bad.rows] == [(task.train, 3, "empty_text")]

@@ -88,17 +88,15 @@ def _scratch_for_inputs(scratch: Path, input_digests: dict[str, str]) -> Path:
 
 
 def _commit(stage: PlannedStage, info: RunInfo, ctx: StageContext, result: StageResult, wall_s: float) -> None:
+    # the upstream outputs it was built from, not those there now: an upstream rebuilt meanwhile (`--force` in
+    # another process) must leave this output stale, never fresh
     record = {"config": stage.config.model_dump(mode="json"), "input_stages": stage.inputs,
               "input_fingerprints": stage.input_fingerprints,
-              "input_digests": _current_input_digests(stage, info.workspace), "stats": result.stats,
+              "input_digests": dict(stage.input_digests), "stats": result.stats,
               "bad_inputs": result.bad_inputs, "artifacts": result.artifacts, "wall_s": wall_s, "seed": info.seed,
               "run_id": info.run_id}
     info.workspace.commit(stage.name, stage.fingerprint, ctx.output, record)
     shutil.rmtree(ctx.scratch, ignore_errors=True)  # resume state is only for crashed attempts
-
-
-def _current_input_digests(stage: PlannedStage, ws: Workspace) -> dict[str, str]:
-    return {key: ws.read_success(up, stage.input_fingerprints[key])["output_digest"] for key, up in stage.inputs.items()}
 
 
 def _start_stage_records(stage: PlannedStage, info: RunInfo) -> str:

@@ -57,3 +57,31 @@ def test_a_run_stopped_while_its_records_open_ends_killed_with_every_nested_run(
     finish_pipeline_run(info, "killed")       # the stage was stopped before its own records could end it
     assert client.get_run(stage_run).info.status == "KILLED"
     assert client.get_run(info.parent_mlflow_run_id).info.status == "KILLED"
+
+
+def test_an_output_records_the_upstream_it_was_built_from_not_one_rebuilt_meanwhile(tmp_path):
+    """`--force tokenizer` in another process while shard builds: shard was made from the old tokenizer, so it
+    must be stale afterwards, not fresh because the new tokenizer's digest was read at commit time."""
+    from types import SimpleNamespace
+
+    from flows.plan import PlannedStage, is_fresh
+    from flows.runner import _commit
+    from storage.stage import StageContext, StageResult
+    from storage.workspace import Workspace
+
+    ws = Workspace.at(tmp_path / "ws")
+    ws.commit("tokenizer", "tok", ws.new_temp_dir("tokenizer", "tok"), {})
+    built_from = {"tokenizer": ws.read_success("tokenizer", "tok")["output_digest"]}
+    config = PipelineConfig.model_validate({"ingest": {"sources": [{"name": "w", "kind": "wiki_offline"}]},
+                                            "tokenizer": {"vocab_size": 300}, "shard": {}}).shard
+    stage = PlannedStage("shard", "pending", "shd", config, {"tokenizer": "tokenizer"}, {"tokenizer": "tok"},
+                         dict(built_from))
+    ctx = StageContext("shard", "shd", ws.new_temp_dir("shard", "shd"), tmp_path / "scratch", {}, ws.root)
+    tmp = ws.new_temp_dir("tokenizer", "tok")
+    (tmp / "tokenizer.tiktoken").write_text("a different vocabulary")
+    ws.commit("tokenizer", "tok", tmp, {})                       # the concurrent --force tokenizer
+    now = {"tokenizer": ws.read_success("tokenizer", "tok")["output_digest"]}
+    assert now != built_from
+    _commit(stage, SimpleNamespace(workspace=ws, seed=0, run_id="r"), ctx, StageResult(), 0.0)
+    assert ws.read_success("shard", "shd")["input_digests"] == built_from
+    assert not is_fresh(ws, "shard", "shd", now)

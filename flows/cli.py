@@ -344,6 +344,8 @@ def catalog(sql: Annotated[Optional[str], typer.Argument(help='SQL, e.g. "select
         names, rows = Catalog(path).query(sql, catalog_views())
     except duckdb.Error as err:
         _fail(f"query failed: {str(err).splitlines()[0]}", code=1)
+    except OSError as err:         # --export to a file, or where no folder can be made
+        _fail(f"--export {export_}: {err.strerror}", code=1)
     typer.echo(format_table(names, rows))
 
 

@@ -83,6 +83,16 @@ def test_a_broken_from_recipe_stops_plan_and_run_before_any_work(tmp_path, small
         load_recipe(recipe)
 
 
+def test_catalog_export_onto_a_file_is_one_error_line(tmp_path):
+    from storage.catalog import Catalog
+
+    (tmp_path / "ws").mkdir()
+    Catalog(tmp_path / "ws" / "catalog.duckdb")
+    (tmp_path / "taken").write_text("not a folder")
+    out = run_cli(["catalog", "-w", str(tmp_path / "ws"), "--export", str(tmp_path / "taken")])
+    assert out.returncode == 1 and out.stderr == f"error: --export {tmp_path / 'taken'}: File exists\n", out.stderr
+
+
 def test_run_twice_reuses_every_stage_across_processes(tmp_path, small_recipe, cli):
     ws = tmp_path / "ws"
     first = cli(["run", str(small_recipe), "--workspace", str(ws)])

@@ -35,8 +35,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _load(recipe: Path, overrides: list[str] | None):
+    from flows.ablation import is_grid_file
     from flows.recipe import RecipeError, load_recipe
 
+    if is_grid_file(recipe):
+        _fail(f"{recipe} is an ablation grid (it has `variants`): run it with `lmforge ablate {recipe}`")
     try:
         return load_recipe(recipe, overrides or [])
     except RecipeError as err:
@@ -150,6 +153,8 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe, or an ablatio
     from storage.workspace import Workspace, resolve_workspace
 
     if is_grid_file(recipe):
+        if set_:
+            _fail(f"--set applies to a recipe; {recipe} is an ablation grid: change its `overrides` or `variants`")
         _plan_grid(recipe, Workspace(resolve_workspace(workspace)))
         return
     from flows.recipe import RecipeError
@@ -182,11 +187,13 @@ def ablate(grid: Annotated[Path, typer.Argument(help="ablation grid, e.g. config
     """Run every variant of an ablation grid (stages they share are built once), then print the comparison."""
     from flows.ablation import expand, load_grid
     from flows.compare import render
-    from flows.recipe import RecipeError
+    from flows.recipe import RecipeError, read_yaml_mapping
     from storage.stage import StageError
     from storage.workspace import resolve_workspace
 
     try:
+        if "variants" not in read_yaml_mapping(grid, "grid"):
+            _fail(f"{grid} is not an ablation grid (it has no `variants`); a recipe runs with `lmforge run {grid}`")
         spec = load_grid(grid)
         expand(spec)            # every variant is a valid recipe before any work starts
     except RecipeError as err:

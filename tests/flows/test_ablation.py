@@ -61,6 +61,19 @@ def test_a_grid_whose_base_or_variant_is_broken_stops_ablate_before_any_work(gri
         assert len(out.stderr.splitlines()) == 1 and not (tmp_path / "ws").exists()
 
 
+def test_a_grid_and_a_recipe_given_to_the_wrong_command_are_named_so(grid: Path, tmp_path: Path) -> None:
+    from cliutil import run_cli
+
+    base = str(grid.parent / "base.yaml")
+    for args, message in [
+            (["run", str(grid)], f"error: {grid} is an ablation grid (it has `variants`): run it with `lmforge ablate"),
+            (["plan", str(grid), "--set", "seed=3"], "error: --set applies to a recipe;"),   # it was ignored
+            (["ablate", base], f"error: {base} is not an ablation grid (it has no `variants`)")]:
+        out = run_cli([*args, "-w", str(tmp_path / "ws")])
+        assert out.returncode == 2 and out.stderr.startswith(message), out.stderr[-2000:]
+    assert not (tmp_path / "ws").exists()
+
+
 def test_the_grid_plan_shows_which_variants_share_each_output(grid: Path, tmp_path: Path) -> None:
     rows = plan_grid(expand(load_grid(grid)), Workspace(tmp_path / "ws"))
     by = {(r.variant.split("/")[0], r.stage): r for r in rows}

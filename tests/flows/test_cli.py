@@ -255,7 +255,8 @@ def test_a_stage_error_is_one_line_without_tracebacks(tmp_path, cli):
         {"name": "txt", "kind": "text", "paths": [str(tmp_path / "missing/*.txt")]}]}})
     out = cli(["run", str(recipe), "-w", str(tmp_path / "ws")])
     assert out.returncode == 1
-    assert "error: source 'txt' yielded no documents (problems: missing_file)" in out.stderr
+    assert (f"error: source 'txt' yielded no documents (problems: missing_file ({tmp_path / 'missing/*.txt'}: "
+            "no file matches))") in out.stderr
     assert "Traceback" not in out.stderr and "StageError" not in out.stderr, out.stderr[-3000:]
     verbose = cli(["run", str(recipe), "-w", str(tmp_path / "ws"), "-v"])
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr       # -v shows where it came from

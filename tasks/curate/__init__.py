@@ -29,7 +29,7 @@ from storage.fingerprint import package_versions
 from storage.stage import Stage, deferred
 from tasks.curate.config import CurateConfig
 
-VERSION = "2"   # 2: sampling by storage.sampling.unit_hash with its own salt
+VERSION = "3"   # 2: sampling by storage.sampling.unit_hash with its own salt; 3: quality filters tokenize a CLD2 code like zh-Hant as zh
 BACKEND_PACKAGES = {"pycld2": "pycld2", "langid": "langid", "lingua": "lingua-language-detector",
                     "fasttext": "fasttext-numpy2-wheel"}
 

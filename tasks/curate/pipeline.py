@@ -12,6 +12,7 @@ from datatrove.pipeline.filters import (
 )
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters import PIIFormatter
+from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 from storage.stage import StageError
 from tasks.curate.config import CurateConfig
@@ -52,8 +53,26 @@ def _excluded(config: CurateConfig, scratch: Scratch, name: str) -> DocumentParq
     return excluded_writer(str(scratch.output / "excluded" / name)) if config.write_excluded else None
 
 
+def word_language(config: CurateConfig) -> str:
+    """The language of the quality filters' word tokenizer: the one kept language (its base code: CLD2's
+    `zh-Hant` is `zh`), else English. A language datatrove has no tokenizer for, or whose package is
+    missing, fails here, before any rank runs (it used to make every document an `error` drop)."""
+    languages = config.language.languages
+    lang = languages[0].split("-")[0] if len(languages) == 1 else "en"
+    quality = (config.gopher_repetition, config.gopher_quality, config.c4_quality, config.fineweb_quality)
+    if any(step.enabled for step in quality):
+        try:
+            # built, not used: loading it (spaCy, and torch with it) is the ranks' job, not the driver's
+            load_word_tokenizer(lang)
+        except (ImportError, ValueError) as err:
+            raise StageError(f"curate: language.languages={languages}: the quality filters' word tokenizer for "
+                             f"{lang!r} is not available ({err}); install it, or disable gopher_repetition, "
+                             "gopher_quality, c4_quality and fineweb_quality") from None
+    return lang
+
+
 def _inner_steps(config: CurateConfig, seed: int, scratch: Scratch) -> list[tuple[str, PipelineStep]]:
-    lang = config.language.languages[0] if len(config.language.languages) == 1 else "en"
+    lang = word_language(config)
     steps: list[tuple[str, PipelineStep]] = []
     if config.sample_rate < 1.0:
         steps.append(("sample", HashSampler(config.sample_rate, seed)))

@@ -386,6 +386,25 @@ def test_language_threshold_boundary_and_reasons():
     assert verdict(steps_of(language={"languages": ["en", "fr"]})["language"], french) is True
 
 
+def test_quality_filters_tokenize_the_kept_language_or_fail_before_running():
+    # CLD2 reports Traditional Chinese as zh-Hant: every document used to be dropped as `error` by the
+    # quality filters, whose word tokenizer knows no 'zh-Hant'
+    chinese = "這是一個關於城市鐵路網絡的報告。" * 40
+    steps = steps_of(language={"languages": ["zh-Hant"]})
+    assert all(verdict(steps[name], chinese) != "error" for name in ("gopher_repetition", "gopher_quality",
+                                                                      "fineweb_quality"))
+    with pytest.raises(StageError, match=r"language.languages=\['zz'\]: .* 'zz' doesn't have a tokenizer"):
+        steps_of(language={"languages": ["zz"]})   # every document was an `error` drop
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+    try:
+        load_word_tokenizer("ko")
+    except ImportError:   # not installed here: the recipe fails when its steps are built, not inside every rank
+        with pytest.raises(StageError, match=r"language.languages=\['ko'\]: the quality filters' word tokenizer"):
+            steps_of(language={"languages": ["ko"]})
+    else:
+        pytest.skip("a Korean word tokenizer is installed")
+
+
 def test_url_filter_offline_lists_extra_domains_and_plain_text():
     step = steps_of(url_filter={"extra_domains": ["blocked-example.org"]})["url_filter"]
     assert verdict(step, "text", url="https://blocked-example.org/page") == "domain"

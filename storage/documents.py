@@ -111,8 +111,11 @@ class DocumentWriter:
 
 
 def document_files(directory: Path) -> list[Path]:
-    """The document Parquet files of a stage output, in a stable order (temp files ignored)."""
-    return sorted(p for p in Path(directory).rglob("*.parquet") if ".tmp-" not in str(p) and not p.name.startswith("_"))
+    """The document Parquet files of a stage output, in a stable order (temp files ignored: a `.tmp-` inside the
+    output, not in the folders above it, where the user keeps the workspace)."""
+    directory = Path(directory)
+    return sorted(p for p in directory.rglob("*.parquet")
+                  if ".tmp-" not in str(p.relative_to(directory)) and not p.name.startswith("_"))
 
 
 def iter_documents(paths: Path | Iterable[Path], columns: list[str] | None = None) -> Iterator[Document]:

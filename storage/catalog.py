@@ -67,13 +67,17 @@ def committed_output_globs(root: Path, sources: list[tuple[str, str]]) -> list[s
     return globs
 
 
-def output_view_sql(view: str, globs: list[str], kind: str = "temp view") -> str:
-    """`create or replace <kind> <view>` over `globs`, with `stage` and `fingerprint` columns from each path."""
+def output_view_sql(view: str, globs: list[str], root: Path, kind: str = "temp view") -> str:
+    """`create or replace <kind> <view>` over `globs`, with `stage` and `fingerprint` columns from each path.
+
+    Both are read from the path below `<root>/stages/`, and so is `excluded/` (curate's removed documents):
+    the folders above the workspace may have any name.
+    """
+    below = f"substr(filename, {len(str(root / 'stages')) + 2})"      # '<stage>/<fingerprint>/...'
     return f"""create or replace {kind} {view} as
-    select *, split_part(split_part(filename, '/stages/', 2), '/', 1) as stage,
-              split_part(split_part(filename, '/stages/', 2), '/', 2) as fingerprint
+    select *, split_part({below}, '/', 1) as stage, split_part({below}, '/', 2) as fingerprint
     from read_parquet({globs!r}, filename = true, union_by_name = true)
-    where filename not like '%/excluded/%'"""
+    where {below} not like '%/excluded/%'"""
 
 
 def create_output_views(con: duckdb.DuckDBPyConnection, root: Path, views: OutputViews) -> None:
@@ -81,7 +85,7 @@ def create_output_views(con: duckdb.DuckDBPyConnection, root: Path, views: Outpu
     for view, sources in views.items():
         globs = committed_output_globs(root, sources)
         if globs:
-            con.execute(output_view_sql(view, globs))
+            con.execute(output_view_sql(view, globs, root))
 
 
 # ---- the lock every access holds -------------------------------------------------------------
@@ -285,7 +289,7 @@ class Catalog:
         for view, sources in (views or {}).items():
             globs = committed_output_globs(self.path.parent, sources)
             if globs:
-                statements.append(output_view_sql(view, globs, kind="view"))
+                statements.append(output_view_sql(view, globs, self.path.parent, kind="view"))
         header = (f"-- lmforge catalog export of {self.path} at {utcnow().isoformat(timespec='seconds')}\n"
                   "-- duckdb: .read views.sql   python: duckdb.connect().execute(open('views.sql').read())\n")
         (out / "views.sql").write_text(header + "".join(f"{statement};\n" for statement in statements))

@@ -70,3 +70,23 @@ def test_an_output_renamed_aside_by_a_forced_commit_is_not_read(tmp_path):
     assert rows == [("ingest", "abc", 3)]
     catalog.export(tmp_path / "export", catalog_views())
     assert ".tmp-" not in (tmp_path / "export/views.sql").read_text()
+
+
+def test_views_name_stage_and_fingerprint_whatever_the_folders_above_the_workspace_are_called(tmp_path):
+    from storage.documents import Document, DocumentWriter
+
+    ws = tmp_path / "stages" / "excluded" / "ws"          # a user's folders may be called anything
+    ws.mkdir(parents=True)
+    catalog = Catalog(ws / "catalog.duckdb")
+    for folder in ("src", "excluded/gopher"):
+        with DocumentWriter(ws / "stages/curate/abc" / folder) as writer:
+            writer.write_all(Document(f"{folder}{i}", "text", "src") for i in range(2))
+    (ws / "stages/curate/abc/_SUCCESS.json").write_text("{}")
+    _, rows = catalog.query("select stage, fingerprint, count(*) from documents group by all", catalog_views())
+    assert rows == [("curate", "abc", 2)]                 # kept documents only, not those curate removed
+    catalog.export(tmp_path / "export", catalog_views())
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute((tmp_path / "export/views.sql").read_text())
+    assert con.execute("select stage, fingerprint, count(*) from documents group by all").fetchall() == rows

@@ -105,6 +105,12 @@ def expand(grid: Grid) -> list[Variant]:
 
 def variant_recipe(grid: Grid, base: dict[str, Any], name: str, position: int, overrides: dict[str, Any],
                    seed: int) -> PipelineConfig:
+    for key, value in overrides.items():
+        dropped = [g for g in grid.overrides if g.startswith(f"{key}.")]
+        if dropped and value is not None:       # (a stage turned off takes its settings with it)
+            raise RecipeError(f"grid {grid.name}, variant {name}: {key!r} replaces the whole section, which drops "
+                              f"the grid's overrides {dropped} meant for every variant; set {key}.<field> paths "
+                              "instead")
     merged = {**grid.overrides, **overrides}
     data = apply_values(base, merged, f"{grid.name} variant {name}: ")
     suffix = f"-s{seed}" if grid.seeds and len(grid.seeds) > 1 else ""

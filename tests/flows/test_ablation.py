@@ -74,6 +74,18 @@ def test_a_grid_and_a_recipe_given_to_the_wrong_command_are_named_so(grid: Path,
     assert not (tmp_path / "ws").exists()
 
 
+def test_a_variant_cannot_silently_drop_an_override_the_grid_sets_for_every_variant(grid: Path, tmp_path: Path) -> None:
+    data = {**json.loads(grid.read_text()), "overrides": {"shard.val_fraction": 0.2}}
+    whole = write_recipe(tmp_path / "whole.yaml", {**data, "variants": {"own_shard": {"shard": {"mixture": None}}}})
+    with pytest.raises(RecipeError, match=r"variant own_shard: 'shard' replaces the whole section, which drops the "
+                                          r"grid's overrides \['shard.val_fraction'\]"):
+        expand(load_grid(whole))
+    kept = write_recipe(tmp_path / "kept.yaml", {**data, "variants": {"off": {"shard": None}, "field": {
+        "shard.val_fraction": 0.3}}})
+    off, field = (v.config for v in expand(load_grid(kept)))
+    assert off.shard is None and field.shard.val_fraction == 0.3     # off, or one field changed on purpose
+
+
 def test_the_grid_plan_shows_which_variants_share_each_output(grid: Path, tmp_path: Path) -> None:
     rows = plan_grid(expand(load_grid(grid)), Workspace(tmp_path / "ws"))
     by = {(r.variant.split("/")[0], r.stage): r for r in rows}

@@ -1,6 +1,7 @@
 """Ingest recipe: a list of sources, each a kind with its own options."""
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
@@ -62,6 +63,20 @@ class ParquetSource(FileSource):
 class TextSource(FileSource):
     kind: Literal["text"]
     split: Literal["file", "blank_line"] = "file"
+    encoding: str = Field("utf-8", description="the files' encoding, a Python codec that keeps ASCII as is "
+                          "(latin-1, cp1252, ...); bytes it cannot decode become U+FFFD and are reported")
+
+    @field_validator("encoding")
+    @classmethod
+    def _ascii_compatible_codec(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r} (a Python codec name: utf-8, latin-1, cp1252, ...)") from None
+        if "a\n".encode(encoding) != b"a\n":
+            raise ValueError(f"{encoding!r} does not keep ASCII as is (lines are split on the byte \\n): "
+                             "convert UTF-16/32 files to UTF-8 first")
+        return encoding
 
 
 class WikiOfflineSource(SourceBase):

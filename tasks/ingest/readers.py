@@ -1,6 +1,7 @@
 """One reader per source kind. Each yields Documents, and a `Rejected` for every record it cannot use."""
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import itertools
@@ -43,18 +44,21 @@ Item = Document | Rejected
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def decode_text(raw: bytes, path: Path, where: str, first: bool = False) -> tuple[str, Rejected | None]:
-    """UTF-8 decode; invalid bytes become U+FFFD and are reported (the document is kept).
+def decode_text(raw: bytes, path: Path, where: str, first: bool = False,
+                encoding: str = "utf-8") -> tuple[str, Rejected | None]:
+    """Decodes `raw` (UTF-8 unless told); invalid bytes become U+FFFD and are reported (the document is kept).
 
     `first`: `raw` starts the file, so a UTF-8 byte order mark there is dropped (it is not text).
     """
-    if first and raw.startswith(UTF8_BOM):
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    if first and utf8 and raw.startswith(UTF8_BOM):
         raw = raw[len(UTF8_BOM):]
     try:
-        return raw.decode("utf-8"), None
+        return raw.decode(encoding), None
     except UnicodeDecodeError as err:
-        note = Rejected("invalid_utf8", str(path), where, f"byte {err.start}: {err.reason}", is_record=False)
-        return raw.decode("utf-8", errors="replace"), note
+        reason = "invalid_utf8" if utf8 else "invalid_encoding"
+        note = Rejected(reason, str(path), where, f"byte {err.start}: {err.reason} ({encoding})", is_record=False)
+        return raw.decode(encoding, errors="replace"), note
 
 
 def looks_binary(path: Path) -> bool:
@@ -317,7 +321,7 @@ def read_text(source: TextSource, path: Path, label: str) -> Iterator[Item]:
         yield Rejected("binary_file", str(path), None, "NUL bytes in the first 8 KiB", is_record=False)
         return
     if source.split == "file":
-        text, note = decode_text(path.read_bytes(), path, "file", first=True)
+        text, note = decode_text(path.read_bytes(), path, "file", first=True, encoding=source.encoding)
         if note:
             yield note
         yield Document(f"{source.name}/{label}", text, source.name, None, {"file": label})
@@ -331,7 +335,7 @@ def _text_blocks(source: TextSource, path: Path, label: str) -> Iterator[Item]:
     start = number = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            line, note = decode_text(raw, path, f"line {number}", first=number == 1)
+            line, note = decode_text(raw, path, f"line {number}", first=number == 1, encoding=source.encoding)
             if note:
                 yield note
             if line.strip():

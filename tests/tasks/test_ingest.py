@@ -555,3 +555,17 @@ def test_a_source_with_no_usable_file_fails_naming_the_file_and_what_it_holds(tm
     with pytest.raises(StageError, match=r"yielded no documents \(problems: missing_text_column \(.*wrong\.parquet: "
                                          r"no column 'text' \(columns: content; set text_column\)\)\)"):
         ingest(tmp_path, {"name": "p", "kind": "parquet", "paths": [str(tmp_path / "wrong.parquet")]})
+
+
+def test_a_text_source_reads_its_declared_encoding(tmp_path, shared_data):
+    # Financial PhraseBank ships in latin-1: read as UTF-8 its accented letters were U+FFFD (reported, but lost)
+    path = shared_data / "finance/financial_phrasebank/Sentences_AllAgree.txt"
+    source = {"name": "fpb", "kind": "text", "split": "blank_line", "paths": [str(path)]}
+    result, docs = ingest(tmp_path, source)
+    assert result.stats["bad/fpb/Sentences_AllAgree.txt/invalid_utf8"] > 0 and any("\ufffd" in d.text for d in docs)
+    result, docs = ingest(tmp_path, {**source, "encoding": "latin-1"})
+    assert result.bad_inputs == [] and not any("\ufffd" in d.text for d in docs)
+    assert any("\u00e4" in d.text for d in docs)   # 'ä' of a Finnish company name
+    for wrong, message in (("klingon", "unknown encoding"), ("utf-16", "does not keep ASCII as is")):
+        with pytest.raises(ValueError, match=rf"sources\.0\.text\.encoding\n.*{message}"):
+            IngestConfig.model_validate({"sources": [{**source, "encoding": wrong}]})

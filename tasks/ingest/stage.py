@@ -125,7 +125,9 @@ def _items(source: SourceBase, result: StageResult) -> Iterator[Document | Rejec
     assert isinstance(source, FileSource)
     files, missing = resolve_paths(source.paths)
     for pattern in missing:
-        yield Rejected("missing_file", pattern, None, "no file matches", is_record=False)
+        is_dir = Path(pattern).expanduser().is_dir()
+        detail = f"a folder: name its files, e.g. {pattern.rstrip('/')}/*" if is_dir else "no file matches"
+        yield Rejected("missing_file", pattern, None, detail, is_record=False)
     labels = file_labels(files)
     for path in files:
         yield from _file_items(source, path, labels[path])

@@ -555,6 +555,9 @@ def test_a_source_with_no_usable_file_fails_naming_the_file_and_what_it_holds(tm
     with pytest.raises(StageError, match=r"yielded no documents \(problems: missing_text_column \(.*wrong\.parquet: "
                                          r"no column 'text' \(columns: content; set text_column\)\)\)"):
         ingest(tmp_path, {"name": "p", "kind": "parquet", "paths": [str(tmp_path / "wrong.parquet")]})
+    (tmp_path / "docs").mkdir()
+    with pytest.raises(StageError, match=r"missing_file \(.*docs: a folder: name its files, e.g. .*docs/\*\)"):
+        ingest(tmp_path, {"name": "t", "kind": "text", "paths": [str(tmp_path / "docs")]})
 
 
 def test_a_text_source_reads_its_declared_encoding(tmp_path, shared_data):

@@ -54,7 +54,10 @@ def real_input(tmp_path_factory) -> Path:
 def curated(tmp_path_factory, real_input):
     """The default (FineWeb) recipe with excluded documents written, in-process, one worker."""
     root = tmp_path_factory.mktemp("curated")
-    config = curate.CurateConfig(write_excluded=True, executor={"tasks": TASKS, "workers": WORKERS})
+    # Extraction's timeout is wall-clock time, so on a loaded machine a page that takes 0.1 s can pass
+    # it in one run and not the next: the runs compared here get a limit no page comes near.
+    config = curate.CurateConfig(write_excluded=True, extract={"timeout_s": 30.0},
+                                 executor={"tasks": TASKS, "workers": WORKERS})
     ctx = make_ctx(root, real_input, "reference")
     return config, ctx, curate.run(config, ctx)
 

@@ -212,7 +212,7 @@ def test_bad_rows_are_counted_with_file_and_line(pretrained, tmp_path):
     assert result.stats["sst2/bad/empty_text"] == 2 and result.stats["fpb/bad/no_label_separator"] == 20
     where = {(b["reason"], b.get("where")) for b in result.bad_inputs if b["path"] == str(broken)}
     assert where == {("wrong_column_count", "41"), ("wrong_column_count", "42"), ("unknown_label", "43"),
-                     ("empty_text", None)}
+                     ("empty_text", "44")}
     assert result.stats["sst2/train_examples"] == 39
 
 

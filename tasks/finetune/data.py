@@ -248,6 +248,9 @@ def _shape(task: TaskConfig, train: list[Any], evals: dict[str, list[Any]], note
     """Form, labels and metrics of a kind read from files."""
     if task.kind == "squad":
         allow_null = any(e.is_impossible for e in train) or any(e.is_impossible for ex in evals.values() for e in ex)
+        if not allow_null and task.null_threshold != TaskConfig.model_fields["null_threshold"].default:
+            raise StageError(f"task {task.name!r}: null_threshold={task.null_threshold:g} decides when to answer "
+                             "'no answer', but no question of its files is unanswerable (SQuAD v1.1): remove it")
         return TaskData(task.name, task.kind, "qa", [], ("exact", "f1"), train, evals, notes, allow_null)
     if task.kind == "conll":
         labels = tag_labels(train)

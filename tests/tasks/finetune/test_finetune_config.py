@@ -98,3 +98,19 @@ def test_glue_rows_without_text_are_counted_with_their_line(tmp_path):
     examples = read_file(task, task.train, bad)
     assert [e.id for e in examples] == ["0", "2"]
     assert [(row.path, row.line, row.reason) for row in bad.rows] == [(task.train, 3, "empty_text")]
+
+
+def test_null_threshold_is_refused_where_no_question_is_unanswerable(shared_data):
+    """On SQuAD v1.1 every question has an answer, so null_threshold cannot change a prediction (it was ignored)."""
+    from storage.stage import StageError
+    from tasks.finetune.config import TaskConfig
+    from tasks.finetune.data import BadRowCounter, load_task
+
+    v1 = {"name": "squad", "kind": "squad", "train": str(shared_data / "squad/dev-v1.1-first2articles.json"),
+          "split": {}}
+    assert not load_task(TaskConfig.model_validate(v1), 0, BadRowCounter()).allow_null
+    with pytest.raises(StageError, match=r"task 'squad': null_threshold=2 .* no question of its files is unanswer"):
+        load_task(TaskConfig.model_validate({**v1, "null_threshold": 2.0}), 0, BadRowCounter())
+    tiny = str(shared_data / "squad/dev-v2.0-tiny.json")
+    v2 = {**v1, "train": tiny, "split": None, "eval": tiny, "null_threshold": 2.0}
+    assert load_task(TaskConfig.model_validate(v2), 0, BadRowCounter()).allow_null

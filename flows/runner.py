@@ -95,7 +95,7 @@ def _commit(stage: PlannedStage, info: RunInfo, ctx: StageContext, result: Stage
               "input_digests": dict(stage.input_digests), "stats": result.stats,
               "bad_inputs": result.bad_inputs, "artifacts": result.artifacts, "wall_s": wall_s, "seed": info.seed,
               "run_id": info.run_id}
-    info.workspace.commit(stage.name, stage.fingerprint, ctx.output, record)
+    info.workspace.commit(stage.name, stage.fingerprint, ctx.output, record, STAGES[stage.name].digest_ignores)
     shutil.rmtree(ctx.scratch, ignore_errors=True)  # resume state is only for crashed attempts
 
 

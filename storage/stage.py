@@ -100,6 +100,10 @@ class Stage:
     library versions). `catalog_views` maps a catalog view name to a glob under the stage output.
     `headline` names the counters (exact names or `fnmatch` patterns) that summarise a run: the
     terminal's line for the stage, an ablation's parent MLflow run and `lmforge compare` show them.
+    `digest_ignores` names output files (`fnmatch` patterns of their relative paths) that report on
+    the build, such as timings, and that no later stage reads: `_SUCCESS.json` lists them with their
+    sha256, but they stay out of `output_digest`, so a rebuild that changed only them (`--force` of a
+    deterministic stage) leaves the later stages fresh.
     """
 
     name: str
@@ -113,6 +117,7 @@ class Stage:
     external_inputs: Callable[[Any], dict[str, Any]] | None = None
     catalog_views: Mapping[str, str] = field(default_factory=dict)
     headline: tuple[str, ...] = ()
+    digest_ignores: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = stage_problems(self)
@@ -149,7 +154,7 @@ def stage_problems(stage: Stage) -> list[str]:
             problems.append(f"{name} must be callable")
     if stage.external_inputs is not None and not callable(stage.external_inputs):
         problems.append("external_inputs must be callable or None")
-    for name in ("reads", "optional_reads", "provides", "headline"):
+    for name in ("reads", "optional_reads", "provides", "headline", "digest_ignores"):
         value = getattr(stage, name)
         if name == "reads" and callable(value):
             continue

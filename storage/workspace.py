@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -83,6 +84,18 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def file_entries(directory: Path) -> list[dict[str, Any]]:
+    """Every file under `directory` as `_SUCCESS.json` lists it: relative path, size and sha256."""
+    return [{"path": str(p.relative_to(directory)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(directory.rglob("*")) if p.is_file()]
+
+
+def output_digest(files: list[dict[str, Any]], ignores: tuple[str, ...] = ()) -> str:
+    """sha256 over the (path, bytes, sha256) entries of an output's files, those matching `ignores` left out."""
+    kept = [entry for entry in files if not any(fnmatch.fnmatchcase(entry["path"], p) for p in ignores)]
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Workspace:
     """A workspace directory: `stages/<stage>/<fingerprint>/`, `scratch/`, `catalog.duckdb`, `mlflow.db`."""
@@ -123,24 +136,25 @@ class Workspace:
         tmp.mkdir()
         return tmp
 
-    def commit(self, stage: str, fingerprint: str, tmp: Path, record: dict[str, Any]) -> Path:
+    def commit(self, stage: str, fingerprint: str, tmp: Path, record: dict[str, Any],
+               digest_ignores: tuple[str, ...] = ()) -> Path:
         """fsync `tmp`, rename it into place, then write `_SUCCESS.json` last; returns the final dir.
+
+        `output_digest` covers every file but those matching `digest_ignores` (see `storage.stage.Stage`).
 
         An older output of the same fingerprint (`--force`) is first renamed aside to a `*.tmp-old-*`
         name that readers ignore, so no moment exists where `_SUCCESS.json` stands beside missing files.
         """
         final = self.stage_dir(stage, fingerprint)
-        files = [
-            {"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(tmp.rglob("*")) if p.is_file()
-        ]
+        files = file_entries(tmp)
         _fsync_tree(tmp)
         old = final.with_name(f"{fingerprint}.tmp-old-{secrets.token_hex(4)}")
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
-        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        digest = output_digest(files, digest_ignores)
         success = {**record, "stage": stage, "fingerprint": fingerprint, "files": files, "output_digest": digest,
+                   "digest_ignores": list(digest_ignores),
                    "lmforge_version": lmforge_version(), "git_commit": git_commit(), "committed_at": time.time()}
         _write_json_atomic(final / SUCCESS_FILE, success)
         shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,8 @@ VERSION = "1"
 STAGE = Stage(name="pretrain", version=VERSION, config=PretrainConfig, run=deferred("tasks.pretrain.stage:run"),
               reads=("shard", "tokenizer"), seed_matters=always,
               headline=("final_train_loss", "final_val_loss", "final_val_ppl", "tokens_trained", "epochs",
-                        "tokens_per_s"))
+                        "tokens_per_s"),
+              # timings: the training log, and the run summary inside each checkpoint's trainer state
+              digest_ignores=("metrics.jsonl", "checkpoints/*/trainer_state.pt"))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "PretrainConfig", "run"]

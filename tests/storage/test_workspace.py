@@ -76,3 +76,28 @@ def test_recommit_replaces_the_old_output_and_leaves_nothing_aside(tmp_path):
         ws.commit("s", "fp", tmp, {})
     assert (ws.stage_dir("s", "fp") / "data.txt").read_text() == "new"
     assert [p.name for p in ws.stage_dir("s", "fp").parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_files_matching_digest_ignores_are_listed_but_leave_the_output_digest_alone(tmp_path):
+    """A deterministic rebuild whose only change is its timings keeps its digest, so later stages stay fresh."""
+    ws = Workspace.at(tmp_path)
+
+    def commit(weights: str, timings: str, ignores: tuple[str, ...]) -> dict:
+        tmp = ws.new_temp_dir("train", "fp")
+        (tmp / "model").mkdir()
+        (tmp / "model" / "weights.bin").write_text(weights)
+        (tmp / "checkpoints" / "step-2").mkdir(parents=True)
+        (tmp / "checkpoints" / "step-2" / "trainer_state.pt").write_text(timings)
+        (tmp / "metrics.jsonl").write_text(timings)
+        ws.commit("train", "fp", tmp, {}, ignores)
+        return ws.read_success("train", "fp")
+
+    ignores = ("metrics.jsonl", "checkpoints/*/trainer_state.pt")
+    first, retimed = commit("w", "1.0 s", ignores), commit("w", "1.3 s", ignores)
+    assert retimed["output_digest"] == first["output_digest"]
+    assert retimed["digest_ignores"] == list(ignores)
+    sha = {entry["path"]: entry["sha256"] for entry in retimed["files"]}
+    assert set(sha) == {"model/weights.bin", "metrics.jsonl", "checkpoints/step-2/trainer_state.pt"}
+    assert sha["metrics.jsonl"] != {e["path"]: e["sha256"] for e in first["files"]}["metrics.jsonl"]
+    assert commit("w2", "1.3 s", ignores)["output_digest"] != first["output_digest"]      # the weights count
+    assert commit("w", "1.0 s", ())["output_digest"] != commit("w", "1.3 s", ())["output_digest"]

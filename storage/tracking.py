@@ -176,8 +176,13 @@ class Tracker:
         return [run.info.run_id for run in running]
 
     def mark_dead_runs(self, is_dead: Callable[[dict[str, str]], bool]) -> list[str]:
-        """Runs still RUNNING whose process is gone (`is_dead(tags)`) become KILLED; returns their ids."""
-        running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+        """Runs still RUNNING whose process is gone (`is_dead(tags)`) become KILLED; returns their ids.
+
+        Every experiment is searched: a run killed under another recipe's experiment is found now, not
+        only when a later run starts in that experiment.
+        """
+        experiments = [experiment.experiment_id for experiment in self.client.search_experiments()]
+        running = self.client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'",
                                           max_results=1000)
         dead = [r.info.run_id for r in running if is_dead(r.data.tags)]
         for run_id in dead:

@@ -28,7 +28,8 @@ class ExtractConfig(StrictModel):
 
     enabled: bool = True
     favour_precision: bool = True
-    timeout_s: float = Field(1.0, gt=0, description="per document; a slower document is dropped as `timeout`")
+    timeout_s: float = Field(1.0, gt=0, description="CPU seconds per document (so the machine's load changes "
+                             "nothing); a slower document is dropped as `timeout`")
 
 
 class LanguageConfig(StrictModel):

@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
+
+import psutil
 
 from datatrove.data import Document as DtDocument
 from datatrove.data import DocumentsPipeline
@@ -23,6 +26,8 @@ from datatrove.utils.logging import logger
 from tasks.curate.langid import LanguageBackend, forget_models
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+POLL_S = 0.02            # how often a waiting extraction checks the sandbox's CPU time
+HANG_AFTER_S = 30.0      # wall time after which a sandbox that does not answer is cut off, however idle
 WARMUP_HTML = "<html><body><p>Warming up the extractor with one short paragraph.</p></body></html>"
 # Block lists per process, keyed by the extra entries the recipe adds (see OfflineURLFilter).
 _URL_LISTS: dict[tuple, dict[str, Any]] = {}
@@ -71,15 +76,53 @@ class OfflineURLFilter(URLFilter):
 
 
 class QuietSandbox(ExtractorSandbox):
-    """datatrove's extraction sandbox, whose process ends plainly when it is terminated.
+    """datatrove's extraction sandbox, whose process ends plainly when it is terminated, and whose
+    timeout counts the CPU time the sandbox spends on a document, not the wall time.
 
     The sandbox is forked from the stage's process and inherits its SIGTERM handler; inside a
     Prefect task that handler raises, which printed a traceback at every clean-up and timeout.
+    datatrove's timeout is wall time, which grows with the machine's load: under load the same
+    recipe dropped a page in one run and kept it in the next. A process that waits rather than works
+    is still cut off, after `hang_after_s` of wall time.
     """
+
+    def __init__(self, timeout: float, warmup_text: str = "", hang_after_s: float | None = None) -> None:
+        super().__init__(timeout, warmup_text)
+        self.hang_after_s = hang_after_s if hang_after_s is not None else max(HANG_AFTER_S, 10 * timeout)
 
     def _worker(self, conn: Any, extract_fn: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         super()._worker(conn, extract_fn)
+
+    def process_document(self, text: str, extract_fn: Any) -> Any:
+        self._ensure_process(extract_fn)
+        try:
+            self.parent_conn.send(text)
+            return self._await_result()
+        except (TimeoutError, EOFError):
+            self._cleanup_process()
+            raise
+
+    def _await_result(self) -> Any:
+        """The sandbox's answer; TimeoutError past `timeout` CPU seconds or `hang_after_s` wall seconds."""
+        cpu_start, wall_start = self._cpu_seconds(), time.monotonic()
+        while not self.parent_conn.poll(POLL_S):
+            if not self.process.is_alive():
+                raise EOFError("the sandbox process died (probably OOM-killed)")
+            if (self._cpu_seconds() - cpu_start >= self.timeout
+                    or time.monotonic() - wall_start >= self.hang_after_s):
+                raise TimeoutError("document extraction timed out")
+        result = self.parent_conn.recv()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _cpu_seconds(self) -> float:
+        try:
+            times = psutil.Process(self.process.pid).cpu_times()
+        except psutil.Error:        # gone: the next is_alive() says so
+            return 0.0
+        return times.user + times.system
 
 
 def is_html(doc: DtDocument) -> bool:

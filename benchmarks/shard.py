@@ -80,7 +80,7 @@ def run_stage(docs_dir: Path, tokenizer_dir: Path, mixture: dict[str, float] | N
 
 def mixture_of(docs_dir: Path) -> dict[str, float]:
     """The first source (by name) weighted 2, every other source 1."""
-    from tasks.shard.mixture import document_sources
+    from tasks.tokenizer.corpus import document_sources
 
     sources = sorted(document_sources(sorted(docs_dir.glob("*.parquet"))))
     return {source: 2.0 if source == sources[0] else 1.0 for source in sources}

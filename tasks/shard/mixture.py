@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,6 @@ from storage.formats import Mixture, MixtureSource
 from storage.sampling import unit_hash
 from storage.stage import StageError, StageResult
 from tasks.shard.config import ShardConfig
-from tasks.tokenizer.corpus import document_sources  # noqa: F401  (the shard stage's mix.document_sources)
 
 MIXTURE_SALT = "shard-mixture"
 REPEAT_ID_FORMAT = "<row id>@<k>"
@@ -64,19 +63,10 @@ class SourcePlan:
         return whole + (draw < self.epochs - whole)
 
 
-def check_sources(config: ShardConfig, sources: Iterable[str]) -> None:
-    """Fails naming the mixture's sources that no document has, and the sources that exist."""
-    existing = sorted(set(sources))
-    unknown = sorted(set(config.mixture or {}) - set(existing))
-    if unknown:
-        raise StageError(f"shard.mixture names {', '.join(map(repr, unknown))}, which no document has; "
-                         f"the documents' sources are: {', '.join(existing) or '(none)'}")
-
-
 def plan_mixture(config: ShardConfig, available: dict[str, int]) -> dict[str, SourcePlan]:
     """Each source's share, available and target training tokens (a source left out gets none).
 
-    Sources are checked against the documents first (`check_sources`); one whose documents are all
+    Sources are checked against the documents first (`tokenizer.corpus.check_sources_exist`); one whose documents are all
     empty or all in validation has no entry in `available`.
     """
     shares = config.mixture_shares()

@@ -29,7 +29,7 @@ from storage.stage import StageContext, StageError, StageResult
 from tasks.shard import mixture as mix
 from tasks.shard.config import ShardConfig
 from tasks.tokenizer.files import read_vocabulary
-from tasks.tokenizer.corpus import read_rows, readable_document_files
+from tasks.tokenizer.corpus import check_sources_exist, read_rows, readable_document_files
 
 SHARD_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
@@ -263,7 +263,7 @@ def run(config: ShardConfig, ctx: StageContext) -> StageResult:
     encoding = vocab.encoding(f"lmforge:{tokenizer_dir.name}")
     files = readable_document_files(_input(ctx, "documents"))
     if config.mixture is not None:
-        mix.check_sources(config, mix.document_sources(files))     # before hours of encoding
+        check_sources_exist("shard.mixture", config.mixture, files)     # before hours of encoding
     dtype = token_dtype(vocab.vocab_size)
     writer = ShardWriter(Path(ctx.output), dtype, config.row_group_rows, config.target_shard_bytes)
     workers = config.workers or os.cpu_count() or 1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,6 +99,15 @@ def document_sources(files: list[Path]) -> set[str]:
             row += batch.num_rows
         sources.update(pc.unique(table["source"]).to_pylist())
     return sources
+
+
+def check_sources_exist(field: str, wanted: Iterable[str], files: list[Path]) -> None:
+    """Fails naming the entries of `field` that no document has as its source (a typo), and the sources there are."""
+    existing = document_sources(files)
+    unknown = [source for source in wanted if source not in existing]
+    if unknown:
+        raise StageError(f"{field} names {', '.join(map(repr, unknown))}, which no document has; "
+                         f"the documents' sources are: {', '.join(sorted(existing)) or '(none)'}")
 
 
 class TrainingCorpus:

@@ -14,7 +14,7 @@ from storage.lineage import empty_input_message
 from storage.stage import StageContext, StageError, StageResult
 
 from .config import TokenizerConfig
-from .corpus import TrainingCorpus, document_sources, readable_document_files, select_heldout
+from .corpus import TrainingCorpus, check_sources_exist, readable_document_files, select_heldout
 from .files import HF_FILE, Vocabulary, save_vocabulary, with_specials
 from .hf import write_hf_tokenizer
 from .pretrained import pretrained_vocabulary
@@ -31,8 +31,8 @@ def run(config: TokenizerConfig, ctx: StageContext) -> StageResult:
     vocab = pretrained_vocabulary(config) if config.pretrained else None
     # A fixed tokenizer reads no documents (the planner gives it none), so every data variant shares it.
     files = _document_files(ctx, required=True) if vocab is None else []
-    if vocab is None:
-        check_sources(config, files)     # before hours of training
+    if vocab is None and config.sources is not None:     # a typo beside a real source: before hours of training
+        check_sources_exist(f"tokenizer: sources={config.sources}", config.sources, files)
     corpus = TrainingCorpus(files, config, select_heldout(files, config.heldout_docs))
     if vocab is None:
         vocab = train_vocabulary(config, corpus, result)
@@ -61,17 +61,6 @@ def _document_files(ctx: StageContext, required: bool) -> list[Path]:
         # an empty input is valid upstream; training is the first step that cannot work with it
         raise StageError(f"tokenizer cannot train: {empty_input_message(Path(ctx.inputs['documents']))}")
     return files
-
-
-def check_sources(config: TokenizerConfig, files: list[Path]) -> None:
-    """A `sources` entry no document has (a typo) fails, naming it and the sources there are."""
-    if config.sources is None:
-        return
-    existing = document_sources(files)
-    unknown = [source for source in config.sources if source not in existing]
-    if unknown:
-        raise StageError(f"tokenizer: sources={config.sources} names {', '.join(map(repr, unknown))}, which no "
-                         f"document has; the documents' sources are: {', '.join(sorted(existing))}")
 
 
 def train_ranks(texts: Iterator[str], n_ranks: int, pattern: str) -> dict[bytes, int]:

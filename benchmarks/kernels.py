@@ -130,9 +130,7 @@ def run_case(case: Case, warmup: int, repeats: int, report: Callable[[Result], N
             result.ms, result.peak_mb = time_cuda(case, impl, warmup, repeats)
             result.max_diff = difference(case, impl, reference)
         except Exception as exc:          # a kernel that fails to compile must not hide the other numbers
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            result.error = f"{type(exc).__name__}: {first_line}"
-            traceback.print_exc()         # the whole story, into the log
+            result.error = failure(exc)
         report(result)
         torch.cuda.empty_cache()
 
@@ -287,22 +285,47 @@ def cpu_comparison(tokens: int, repeats: int, json_path: Path | None) -> None:
 
 
 def gpu_benchmark(tokens: int, warmup: int, repeats: int, compile_model: bool, json_path: Path | None,
-                  budget_s: float | None) -> None:
+                  budget_s: float | None, model: bool = True) -> None:
     started = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = True          # as the trainer sets it
     print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; kernels backend "
           f"{kernels.backend('cuda')!r}; bf16 autocast, forward + backward\n", flush=True)
     results: list[Result] = []
     report = printer(results, json_path)
-    for make in (lambda: cross_entropy_case(tokens, "cuda"), lambda: layer_norm_case(tokens, torch.float32, "cuda"),
-                 lambda: layer_norm_case(tokens, torch.bfloat16, "cuda")):
-        run_case(make(), warmup, repeats, report)
+    for name, make in ((f"cross-entropy {tokens}x{WIDTH}", lambda: cross_entropy_case(tokens, "cuda")),
+                       (f"layer norm {tokens}x{WIDTH} float32", lambda: layer_norm_case(tokens, torch.float32, "cuda")),
+                       (f"layer norm {tokens}x{WIDTH} bfloat16",
+                        lambda: layer_norm_case(tokens, torch.bfloat16, "cuda"))):
+        run_built_case(name, make, warmup, repeats, report)
     left = None if budget_s is None else budget_s - (time.perf_counter() - started)
-    if compile_model and left is not None and left < COMPILED_MODEL_S:
-        print(f"(the compiled gpt2-124m steps are skipped: {left:.0f} s of --budget left)", flush=True)
-        compile_model = False
-    run_case(gpt2_case(tokens, "cuda", compile_model), warmup, repeats, report)
+    if not model:
+        print(f"(the {MODEL_PRESET} steps are left out: --no-model)", flush=True)
+    else:
+        if compile_model and left is not None and left < COMPILED_MODEL_S:
+            print(f"(the compiled {MODEL_PRESET} steps are skipped: {left:.0f} s of --budget left)", flush=True)
+            compile_model = False
+        run_built_case(f"{MODEL_PRESET} step, {tokens} tokens", lambda: gpt2_case(tokens, "cuda", compile_model),
+                       warmup, repeats, report)
     print("\n" + "\n".join(ratios(results)))
+
+
+def run_built_case(name: str, make: Callable[[], Case], warmup: int, repeats: int,
+                   report: Callable[[Result], None]) -> None:
+    """`run_case` on the case `make` builds; a case that cannot be built (a missing package: the model step
+    imports the pretrain stage, which needs pydantic) is reported as failed, and the other cases' ratios still print."""
+    try:
+        case = make()
+    except Exception as exc:
+        report(Result(name, "setup", error=failure(exc)))
+        return
+    run_case(case, warmup, repeats, report)
+
+
+def failure(exc: Exception) -> str:
+    """The exception in one line for the table; the whole traceback into the log."""
+    traceback.print_exc()
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first_line}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 on CUDA, 1 on CPU)")
     parser.add_argument("--no-compile-model", action="store_true", help="skip the compiled gpt2-124m steps")
+    parser.add_argument("--no-model", action="store_true",
+                        help="skip the gpt2-124m steps (the kernels alone: no pydantic or pretrain code needed)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: the compiled gpt2-124m steps are left out when less than "
@@ -321,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_comparison(args.tokens or 2048, args.repeats or 1, args.json)
     else:
         gpu_benchmark(args.tokens or TOKENS, args.warmup, args.repeats or 10, not args.no_compile_model, args.json,
-                      args.budget)
+                      args.budget, model=not args.no_model)
     return 0
 
 

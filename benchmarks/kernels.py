@@ -122,8 +122,10 @@ def difference(case: Case, impl: str, reference: tuple[torch.Tensor, list[torch.
 
 
 def run_case(case: Case, warmup: int, repeats: int, report: Callable[[Result], None]) -> None:
-    """Every implementation of `case`, each failure reported and the run going on."""
+    """Every implementation of `case`, each failure reported and the run going on; then the case's ratios
+    (printed as soon as they are known: a run cut off by its time limit keeps those of the cases done)."""
     reference = train_step(case, "reference")
+    results = []
     for impl in case.impls:
         result = Result(case.name, impl)
         try:
@@ -132,7 +134,9 @@ def run_case(case: Case, warmup: int, repeats: int, report: Callable[[Result], N
         except Exception as exc:          # a kernel that fails to compile must not hide the other numbers
             result.error = failure(exc)
         report(result)
+        results.append(result)
         torch.cuda.empty_cache()
+    print("".join(f"    {line}\n" for line in ratios(results)), flush=True)
 
 
 # ---- the cases ----------------------------------------------------------------------------------
@@ -306,7 +310,7 @@ def gpu_benchmark(tokens: int, warmup: int, repeats: int, compile_model: bool, j
             compile_model = False
         run_built_case(f"{MODEL_PRESET} step, {tokens} tokens", lambda: gpt2_case(tokens, "cuda", compile_model),
                        warmup, repeats, report)
-    print("\n" + "\n".join(ratios(results)))
+    print("all ratios:\n" + "\n".join(ratios(results)))
 
 
 def run_built_case(name: str, make: Callable[[], Case], warmup: int, repeats: int,

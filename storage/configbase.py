@@ -26,3 +26,23 @@ class StrictModel(BaseModel):
             elif isinstance(value, (list, tuple)) and value and isinstance(value[0], StrictModel):
                 data[name] = [item.output_fields() for item in value]
         return data
+
+
+class SwitchableStep(StrictModel):
+    """A pipeline step with an on/off switch: while it is off, its other fields change nothing.
+
+    A switched-off step is fingerprinted as its defaults (less `used_while_disabled`, fields another
+    step still reads), so an ablation that turns a step off shares its output with every recipe that
+    turns it off, whatever thresholds the base recipe left in it; and a recipe that only flips
+    `enabled` keeps the fingerprint it had.
+    """
+
+    used_while_disabled: ClassVar[frozenset[str]] = frozenset()
+
+    enabled: bool = True
+
+    def output_fields(self) -> dict[str, Any]:
+        if self.enabled:
+            return super().output_fields()
+        kept = {name: getattr(self, name) for name in self.used_while_disabled}
+        return StrictModel.output_fields(type(self)(enabled=False, **kept))

@@ -36,10 +36,12 @@ BACKEND_PACKAGES = {"pycld2": "pycld2", "langid": "langid", "lingua": "lingua-la
 
 def external_inputs(config: CurateConfig) -> dict[str, Any]:
     """Besides the config, what decides the output: the libraries' versions and a local fastText model."""
-    signature: dict[str, Any] = {"libraries": package_versions(
-        "datatrove", "trafilatura", "spacy", "tldextract", BACKEND_PACKAGES[config.language.backend])}
-    model = config.language.model_path
-    if config.language.backend == "fasttext" and model is not None and Path(model).is_file():
+    language = config.language
+    backend = [BACKEND_PACKAGES[language.backend]] if language.enabled else []
+    signature: dict[str, Any] = {"libraries": package_versions("datatrove", "trafilatura", "spacy", "tldextract",
+                                                               *backend)}
+    model = language.model_path
+    if language.enabled and language.backend == "fasttext" and model is not None and Path(model).is_file():
         signature["language_model"] = [str(model), Path(model).stat().st_size, Path(model).stat().st_mtime_ns]
     return signature
 

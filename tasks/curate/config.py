@@ -3,39 +3,39 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from storage.configbase import StrictModel
+from storage.configbase import StrictModel, SwitchableStep
 from tasks.docpipe.config import ExecutorConfig
 
 LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z]{2,8})?")
 
 
-class URLFilterConfig(StrictModel):
+class URLFilterConfig(SwitchableStep):
     """datatrove's URLFilter with its bundled block lists (FineWeb step 1)."""
 
-    enabled: bool = True
     soft_word_threshold: int = Field(2, ge=1)
     extra_domains: list[str] = []
     extra_urls: list[str] = []
     banned_words: list[str] = []
 
 
-class ExtractConfig(StrictModel):
+class ExtractConfig(SwitchableStep):
     """Trafilatura on documents whose `metadata.content_type` is HTML; plain text skips it."""
 
-    enabled: bool = True
     favour_precision: bool = True
     timeout_s: float = Field(1.0, gt=0, description="CPU seconds per document (so the machine's load changes "
                              "nothing); a slower document is dropped as `timeout`")
 
 
-class LanguageConfig(StrictModel):
+class LanguageConfig(SwitchableStep):
     """Keep documents in `languages` whose score is >= `threshold` (FineWeb: English, 0.65)."""
 
-    enabled: bool = True
+    # the quality filters pick their word tokenizer from `languages`, with or without this step
+    used_while_disabled = frozenset({"languages"})
+
     backend: Literal["pycld2", "langid", "lingua", "fasttext"] = "pycld2"
     languages: list[str] = ["en"]
     threshold: float = Field(0.65, ge=0.0, le=1.0)
@@ -59,11 +59,17 @@ class LanguageConfig(StrictModel):
             raise ValueError("language.model_path (a local lid.176.bin) is required when backend is 'fasttext'")
         return self
 
+    def output_fields(self) -> dict[str, Any]:
+        """Only the fastText backend reads `model_path` (a grid may vary the backend under one base recipe)."""
+        data = super().output_fields()
+        if self.backend != "fasttext":
+            data["model_path"] = None
+        return data
 
-class GopherRepetitionConfig(StrictModel):
+
+class GopherRepetitionConfig(SwitchableStep):
     """Gopher repetition filter (Rae et al. 2021, table A1), FineWeb's thresholds."""
 
-    enabled: bool = True
     dup_line_frac: float = Field(0.3, ge=0.0, le=1.0)
     dup_para_frac: float = Field(0.3, ge=0.0, le=1.0)
     dup_line_char_frac: float = Field(0.2, ge=0.0, le=1.0)
@@ -80,10 +86,9 @@ class GopherRepetitionConfig(StrictModel):
         return value
 
 
-class GopherQualityConfig(StrictModel):
+class GopherQualityConfig(SwitchableStep):
     """Gopher quality filter, FineWeb's thresholds."""
 
-    enabled: bool = True
     min_doc_words: int = Field(50, ge=0)
     max_doc_words: int = Field(100_000, ge=1)
     min_avg_word_length: float = Field(3, ge=0)
@@ -103,10 +108,9 @@ class GopherQualityConfig(StrictModel):
         return self
 
 
-class C4QualityConfig(StrictModel):
+class C4QualityConfig(SwitchableStep):
     """C4 quality filter; FineWeb keeps lines without terminal punctuation."""
 
-    enabled: bool = True
     filter_no_terminal_punct: bool = False
     min_num_sentences: int = Field(5, ge=-1, description="-1 disables")
     min_words_per_line: int = Field(3, ge=-1, description="-1 disables")
@@ -118,10 +122,9 @@ class C4QualityConfig(StrictModel):
     filter_policy: bool = True
 
 
-class FineWebQualityConfig(StrictModel):
+class FineWebQualityConfig(SwitchableStep):
     """FineWeb's own quality filter."""
 
-    enabled: bool = True
     line_punct_thr: float = Field(0.12, ge=0.0, le=1.0)
     short_line_thr: float = Field(0.67, ge=0.0, le=1.0)
     short_line_length: int = Field(30, ge=0)
@@ -129,10 +132,9 @@ class FineWebQualityConfig(StrictModel):
     new_line_ratio: float = Field(0.3, ge=0.0)
 
 
-class PIIConfig(StrictModel):
+class PIIConfig(SwitchableStep):
     """Replaces email addresses and public IP addresses (FineWeb's last step)."""
 
-    enabled: bool = True
     remove_emails: bool = True
     remove_ips: bool = True
     only_remove_public_ips: bool = True

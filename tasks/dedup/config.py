@@ -6,14 +6,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from storage.configbase import StrictModel
+from storage.configbase import StrictModel, SwitchableStep
 from tasks.docpipe.config import ExecutorConfig
 
 
-class MinhashConfig(StrictModel):
+class MinhashConfig(SwitchableStep):
     """datatrove's four MinHash stages; FineWeb: word 5-grams, 14 buckets x 8 hashes, 64-bit sha1."""
 
-    enabled: bool = True
     n_grams: int = Field(5, ge=1)
     num_buckets: int = Field(14, ge=1)
     hashes_per_bucket: int = Field(8, ge=1)
@@ -23,13 +22,13 @@ class MinhashConfig(StrictModel):
     language: str = Field("en", description="word tokenizer for the shingles")
 
 
-class ExactConfig(StrictModel):
+class ExactConfig(SwitchableStep):
     """Exact duplicates of the normalized text (lowercase, no punctuation, numbers and spaces folded)."""
 
     enabled: bool = False
 
 
-class DecontaminateConfig(StrictModel):
+class DecontaminateConfig(SwitchableStep):
     """Drop (or only flag) documents sharing an n-gram with an evaluation set (GLUE .tsv, SQuAD .json, or the
     evaluate stage's ARC/PIQA/WinoGrande/LAMBADA/HellaSwag/SWAG .jsonl)."""
 

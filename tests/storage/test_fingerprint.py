@@ -2,7 +2,7 @@ import subprocess
 import sys
 from typing import ClassVar
 
-from storage.configbase import StrictModel
+from storage.configbase import StrictModel, SwitchableStep
 from storage.fingerprint import fingerprint
 
 
@@ -50,3 +50,26 @@ def test_key_order_does_not_matter():
     a = fingerprint("s", "1", {"a": 1, "b": {"x": 1, "y": 2}}, {})
     b = fingerprint("s", "1", {"b": {"y": 2, "x": 1}, "a": 1}, {})
     assert a == b
+
+
+class Step(SwitchableStep):
+    threshold: float = 0.5
+    language: str = "en"
+    used_while_disabled: ClassVar[frozenset[str]] = frozenset({"language"})
+
+
+def test_a_switched_off_step_fingerprints_as_its_defaults_whatever_thresholds_it_carries():
+    off = Step(enabled=False).output_fields()
+    assert Step(enabled=False, threshold=0.9).output_fields() == off
+    assert off == {**Step().output_fields(), "enabled": False}       # flipping the switch alone: as before
+    assert Step(threshold=0.9).output_fields() != Step().output_fields()
+    assert Step(enabled=False, language="fr").output_fields() != off   # read by another step, so it counts
+
+
+def test_the_dedup_steps_switched_off_ignore_their_knobs():
+    from tasks.dedup.config import DedupConfig
+
+    off = DedupConfig(minhash={"enabled": False}).output_fields()
+    assert DedupConfig(minhash={"enabled": False, "n_grams": 3, "num_buckets": 2}).output_fields() == off
+    decontaminate = DedupConfig(decontaminate={"eval_sets": ["dev.tsv"], "n_gram": 8}).output_fields()
+    assert decontaminate == DedupConfig().output_fields()

@@ -511,6 +511,23 @@ def test_only_tasks_of_the_executor_changes_the_fingerprint_fields():
     assert curate.CurateConfig(executor={"tasks": 16}).output_fields() != base
 
 
+def test_knobs_that_cannot_act_stay_out_of_the_fingerprint():
+    """A grid that switches a step off, or varies the language backend, under one base recipe."""
+    base = curate.CurateConfig()
+    off = curate.CurateConfig(gopher_quality={"enabled": False})
+    assert curate.CurateConfig(gopher_quality={"enabled": False, "min_doc_words": 5}).output_fields() == \
+        off.output_fields() != base.output_fields()
+    assert curate.CurateConfig(gopher_quality={"min_doc_words": 5}).output_fields() != base.output_fields()
+    language_off = curate.CurateConfig(language={"enabled": False})
+    idle = curate.CurateConfig(language={"enabled": False, "backend": "langid", "threshold": 0.2})
+    assert idle.output_fields() == language_off.output_fields()
+    assert "langid" not in curate.external_inputs(idle)["libraries"]
+    # with the step off, the quality filters still take their word tokenizer from `languages`
+    french = curate.CurateConfig(language={"enabled": False, "languages": ["fr"]})
+    assert french.output_fields() != language_off.output_fields()
+    assert curate.CurateConfig(language={"model_path": "lid.176.bin"}).output_fields() == base.output_fields()
+
+
 def test_slurm_executor_is_built_with_the_recipe_options(tmp_path):
     config = curate.CurateConfig(executor={"kind": "slurm", "tasks": 6, "workers": 2, "slurm": {
         "partition": "cpu", "time": "02:00:00", "cpus_per_task": 4, "mem_per_cpu_gb": 3,

@@ -167,7 +167,9 @@ class TaskConfig(StrictModel):
 class FinetuneConfig(StrictModel):
     """The finetune stage: every task fine-tuned from the pretrain stage's model (or a random init)."""
 
-    non_output_fields = frozenset({"log_every", "progress", "launcher", "peak_flops"})
+    # eval_batch_size groups the dev set into forward passes; padding moves the logits only within float
+    # tolerance (as evaluate's batch_tokens does), so one fingerprint names the result at any batch size
+    non_output_fields = frozenset({"log_every", "progress", "launcher", "peak_flops", "eval_batch_size"})
 
     init: Init = "pretrained"
     tasks: list[TaskConfig] = Field(min_length=1)
@@ -177,7 +179,7 @@ class FinetuneConfig(StrictModel):
     nproc_per_node: int = Field(1, ge=1, description="torchrun processes (DDP); the batch is split across them")
     launcher: Literal["auto", "torchrun", "inprocess"] = Field(
         "auto", description="auto: in the stage's process for one process, torchrun for more (same results)")
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(64, ge=1, description="dev examples per forward pass (speed and memory only)")
     log_every: int = Field(10, ge=1)
     peak_flops: float | None = Field(None, gt=0)
     progress: bool = True

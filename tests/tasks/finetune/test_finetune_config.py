@@ -57,7 +57,7 @@ def test_fingerprint_sees_data_files_and_output_fields_only(tmp_path):
     assert topic[0].endswith("summaries_en-us.json") and len(topic[2]) == 64
     assert data_file_signatures(config({**SST2, "train": "hf:nyu-mll/glue"}))["data"]["sst2"][0] == "hf:nyu-mll/glue"
     # knobs that change nothing stay out of the fingerprint
-    quiet = config(SST2, progress=False, log_every=3, launcher="torchrun")
+    quiet = config(SST2, progress=False, log_every=3, launcher="torchrun", eval_batch_size=5)
     assert quiet.output_fields() == config(SST2).output_fields()
     assert config(SST2).output_fields() != config({**SST2, "lr": 1e-4}).output_fields()
 

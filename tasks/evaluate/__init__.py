@@ -14,7 +14,7 @@ from storage.fingerprint import file_signature
 from storage.stage import Stage, deferred
 from tasks.evaluate.config import EvaluateConfig, HeldoutConfig, TaskSpec
 
-VERSION = "1"
+VERSION = "2"   # 2: a BERT's heldout.json records stride null (its masked-LM windows do not overlap)
 
 
 def external_inputs(config: EvaluateConfig) -> dict[str, Any]:

@@ -22,8 +22,9 @@ class HeldoutConfig(StrictModel):
     """Language modelling on text files: loss, perplexity, bits per byte (BERT: masked-LM loss)."""
 
     files: list[str] = Field(default_factory=list, description="UTF-8 text files, each scored as one text")
-    stride: int | None = Field(None, ge=1, description="tokens between window starts; None: seq_len "
-                               "(disjoint windows); each token keeps at least seq_len - stride tokens of context")
+    stride: int | None = Field(None, ge=1, description="GPT: tokens between window starts; None: seq_len "
+                               "(disjoint windows); each token keeps at least seq_len - stride tokens of context. "
+                               "A BERT's masked-LM windows never overlap: it reads no stride")
     max_chars: int | None = Field(None, ge=1, description="score only the first lines of each file, up to "
                                   "this many characters (a budget for demos; None: the whole file)")
 

@@ -69,29 +69,36 @@ def _device(config: EvaluateConfig) -> tuple[torch.device, str]:
 
 
 def _heldout(config: EvaluateConfig, lm: LM, result: StageResult, output: Path) -> dict[str, dict[str, float]]:
+    stride = _stride(config, lm)                      # checked before any file is scored
     found = {}
     for path in config.heldout.files:
         name = Path(path).name
         text = heldout.read_text(path, config.heldout.max_chars)
-        found[name] = _heldout_file(config, lm, text, name)
+        found[name] = _heldout_file(config, lm, text, name, stride)
         for metric, value in found[name].items():
             result.count(f"heldout/{name}/{metric}", value)
     if found:
-        _write_json(output / HELDOUT_FILE, {"stride": _stride(config, lm), "max_chars": config.heldout.max_chars,
-                                            "files": found})
+        _write_json(output / HELDOUT_FILE, {"stride": stride, "max_chars": config.heldout.max_chars, "files": found})
     return found
 
 
-def _heldout_file(config: EvaluateConfig, lm: LM, text: str, name: str) -> dict[str, float]:
+def _heldout_file(config: EvaluateConfig, lm: LM, text: str, name: str, stride: int | None) -> dict[str, float]:
     scorer = lm.scorer
-    if scorer.spec.arch == "bert":
+    if stride is None:                                # a BERT (see _stride)
         return heldout.masked_lm(scorer.model, scorer.spec, lm.encoding, text, f"evaluate-mlm:{config.seed}:{name}",
                                  scorer.device, scorer.precision, scorer.batch_tokens)
-    return heldout.causal_lm(scorer, lm.encoding, text, _stride(config, lm))
+    return heldout.causal_lm(scorer, lm.encoding, text, stride)
 
 
-def _stride(config: EvaluateConfig, lm: LM) -> int:
-    seq_len = lm.scorer.spec.seq_len
+def _stride(config: EvaluateConfig, lm: LM) -> int | None:
+    """Tokens between a GPT's window starts; None for a BERT, whose masked-LM windows do not overlap.
+
+    A BERT ignores `heldout.stride` rather than refusing it: one recipe serves both architectures
+    (`--set pretrain.model.arch=bert`)."""
+    spec = lm.scorer.spec
+    if spec.arch == "bert":
+        return None
+    seq_len = spec.seq_len
     stride = config.heldout.stride or seq_len
     if stride > seq_len:
         raise StageError(f"heldout.stride={stride} exceeds the model's seq_len {seq_len}; tokens between "

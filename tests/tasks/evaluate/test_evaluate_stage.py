@@ -272,7 +272,7 @@ def test_bert_gets_a_seeded_masked_lm_score_and_the_tasks_say_not_applicable(tmp
 
     def stats(name: str, **extra) -> tuple[Path, dict]:
         ctx = context(tmp_path / name, bert, lm.tokenizer)
-        return ctx.output, run(EvaluateConfig(**config, **extra), ctx).stats
+        return ctx.output, run(EvaluateConfig(**{**config, **extra}), ctx).stats
 
     out, first = stats("a")
     _, again = stats("b", batch_tokens=64)
@@ -287,6 +287,9 @@ def test_bert_gets_a_seeded_masked_lm_score_and_the_tasks_say_not_applicable(tmp
     described = json.loads((out / "arc_easy" / "task.json").read_text())
     assert described["applicable"] is False and "BERT" in described["reason"]
     assert not (out / "arc_easy" / "metrics.json").exists()
+    assert json.loads((out / "heldout.json").read_text())["stride"] is None     # its windows do not overlap
+    _, strided = stats("d", heldout={**config["heldout"], "stride": 32}, tasks=[])
+    assert strided["heldout/wikitext-2_test.txt/mlm_loss"] == loss        # a GPT's knob, read by no BERT
 
 
 @pytest.mark.parametrize("change, message", [

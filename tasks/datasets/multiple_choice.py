@@ -14,6 +14,10 @@ task YAMLs (`lm_eval/tasks/<task>/*.yaml`):
 A row that cannot be used (not JSON, a field missing or of the wrong type, an empty choice, a label
 out of range) is skipped and reported as a `BadRow` with its file, line and reason; a file with no
 usable row raises `DatasetError` naming the file. Plain Python: no torch.
+
+The layouts are known here only: which fields hold each row's question or context and its choices
+(`FORMATS[...].text`). The readers render those texts; dedup's decontamination reads them raw, labels
+or not, through `iter_row_texts` (and `detect_format` when a file's layout is to be told by its fields).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Any
 from tasks.datasets.base import DatasetError
 
 TARGET_DELIMITER = " "        # the harness's default target_delimiter, between context and choice
+BLANK = "_"                   # WinoGrande's blank, filled by each option
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,24 @@ class TaskFile:
     @property
     def rows(self) -> int:
         return len(self.items) + len(self.bad)
+
+
+@dataclass(frozen=True)
+class RowText:
+    """A row's text as released, before any rendering: what a page quoting the item would contain."""
+
+    format: str
+    line: int                           # 1-based line (CSV: record) of the row in its file
+    context: str                        # ARC stem, PIQA goal, HellaSwag ctx_a ctx_b, SWAG start phrase,
+                                        # WinoGrande sentence (with its blank), LAMBADA passage
+    choices: tuple[str, ...]            # as released; WinoGrande: the options; LAMBADA: none
+    row: dict[str, Any] = field(repr=False, compare=False)   # the parsed row, for the readers' ids and labels
+
+    def quotes(self) -> list[str]:
+        """The context alone and followed by each choice (WinoGrande: the sentence with each option in its blank)."""
+        if self.format == "winogrande":
+            return [self.context.replace(BLANK, choice, 1) for choice in self.choices]
+        return [self.context, *(f"{self.context} {choice}".strip() for choice in self.choices)]
 
 
 class _Bad(Exception):
@@ -113,7 +136,7 @@ def _json_or_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _Bad
         yield from _jsonl_rows(path)
         return
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     for number, row in enumerate(rows, start=1):
@@ -121,9 +144,10 @@ def _json_or_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _Bad
 
 
 def _open(path: Path, newline: str | None = None):
+    """The file as text; a UTF-8 byte-order mark, if any, is not part of the first row."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
-    return open(path, encoding="utf-8", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def _labels(path: Path) -> list[str]:
@@ -141,22 +165,24 @@ def _get(row: dict[str, Any], name: str) -> Any:
     return row[name]
 
 
-def _text(row: dict[str, Any], name: str, reason: str = "empty_text") -> str:
+def _text(row: dict[str, Any], name: str, strict: bool = True) -> str:
+    """A string field; `strict` (a row to score): not blank either."""
     value = _get(row, name)
     if not isinstance(value, str):
         raise _Bad("wrong_type", f"field {name!r} is a {type(value).__name__}, not a string")
-    if not value.strip():
-        raise _Bad(reason, f"field {name!r} is empty")
+    if strict and not value.strip():
+        raise _Bad("empty_text", f"field {name!r} is empty")
     return value
 
 
-def _choice_texts(values: list[Any], where: str) -> tuple[str, ...]:
-    if len(values) < 2:
+def _choice_texts(values: list[Any], where: str, strict: bool = True) -> tuple[str, ...]:
+    """Strings; `strict` (a row to score): at least two, none blank."""
+    if strict and len(values) < 2:
         raise _Bad("too_few_choices", f"{where} has {len(values)} choice(s); at least 2 are needed")
     for index, value in enumerate(values):
         if not isinstance(value, str):
             raise _Bad("wrong_type", f"{where}[{index}] is a {type(value).__name__}, not a string")
-        if not value.strip():
+        if strict and not value.strip():
             raise _Bad("empty_choice", f"{where}[{index}] is empty")
     return tuple(values)
 
@@ -177,30 +203,82 @@ def _choice_item(item_id: str, line: int, context: str, choices: tuple[str, ...]
                       label, choices)
 
 
-# ---- the formats ----------------------------------------------------------------------------
+# ---- the layouts: where each format keeps a row's text --------------------------------------
+# Each returns a parsed row's (context, choices) as released, or raises _Bad. `strict` (a row the readers
+# score) also refuses blank texts and fewer than two choices; decontamination reads every row with text.
 
 
-def _arc(row: dict[str, Any], line: int, path: Path, label: str | None) -> ChoiceItem:
+def _arc_text(row: dict[str, Any], strict: bool) -> tuple[str, tuple[str, ...]]:
     question = _get(row, "question")
     if not isinstance(question, dict):
         raise _Bad("wrong_type", "field 'question' is not an object")
-    stem = _text(question, "stem")
+    stem = _text(question, "stem", strict)
+    texts = [choice.get("text") for choice in _arc_choices(question)]
+    return stem, _choice_texts(texts, "question.choices.text", strict)
+
+
+def _arc_choices(question: dict[str, Any]) -> list[dict[str, Any]]:
     choices = _get(question, "choices")
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
         raise _Bad("wrong_type", "field 'question.choices' is not a list of objects")
-    texts = _choice_texts([c.get("text") for c in choices], "question.choices.text")
-    keys = [str(c.get("label")) for c in choices]
+    return choices
+
+
+def _piqa_text(row: dict[str, Any], strict: bool) -> tuple[str, tuple[str, ...]]:
+    return _text(row, "goal", strict), _choice_texts([_get(row, "sol1"), _get(row, "sol2")], "sol1/sol2", strict)
+
+
+def _hellaswag_text(row: dict[str, Any], strict: bool) -> tuple[str, tuple[str, ...]]:
+    """ctx_a and ctx_b (the released `ctx` is the two joined); the harness's prompt adds activity_label."""
+    ctx_b = _get(row, "ctx_b")
+    if not isinstance(ctx_b, str):
+        raise _Bad("wrong_type", "field 'ctx_b' is not a string")
+    if strict:
+        _text(row, "activity_label")
+    ctx_a = _text(row, "ctx_a", strict)
+    endings = _get(row, "endings")
+    if not isinstance(endings, list):
+        raise _Bad("wrong_type", "field 'endings' is not a list")
+    return " ".join(part for part in (ctx_a, ctx_b) if part), _choice_texts(endings, "endings", strict)
+
+
+def _swag_text(row: dict[str, Any], strict: bool) -> tuple[str, tuple[str, ...]]:
+    """The start phrase (val.csv), else sent1 and sent2 (the JSON rows); four endings."""
+    start = row.get("startphrase")
+    context = start if isinstance(start, str) and start.strip() else \
+        f"{_text(row, 'sent1', strict)} {_text(row, 'sent2', strict)}"
+    return context, _choice_texts([_get(row, f"ending{i}") for i in range(4)], "ending0..3", strict)
+
+
+def _winogrande_text(row: dict[str, Any], strict: bool) -> tuple[str, tuple[str, ...]]:
+    """The sentence with its blank, and the two options that fill it."""
+    sentence = _text(row, "sentence", strict)
+    if strict and BLANK not in sentence:
+        raise _Bad("no_blank", "field 'sentence' has no '_' blank")
+    return sentence, _choice_texts([_get(row, "option1"), _get(row, "option2")], "option1/option2", strict)
+
+
+def _lambada_text(row: dict[str, Any], strict: bool) -> tuple[str, tuple[str, ...]]:
+    return _text(row, "text", strict), ()
+
+
+# ---- the readers: a row's text rendered as the harness renders it, and its label -------------
+
+
+def _arc(text: RowText, path: Path, label: str | None) -> ChoiceItem:
+    row = text.row
+    keys = [str(choice.get("label")) for choice in _arc_choices(row["question"])]
     answer = str(_get(row, "answerKey")).strip()
     if answer not in keys:
         raise _Bad("label_out_of_range", f"answerKey {answer!r} is not one of the choice labels {keys}")
-    return _choice_item(str(_get(row, "id")), line, f"Question: {stem}\nAnswer:", texts, keys.index(answer))
+    return _choice_item(str(_get(row, "id")), text.line, f"Question: {text.context}\nAnswer:", text.choices,
+                        keys.index(answer))
 
 
-def _piqa(row: dict[str, Any], line: int, path: Path, label: str | None) -> ChoiceItem:
-    goal = _text(row, "goal")
-    texts = _choice_texts([_get(row, "sol1"), _get(row, "sol2")], "sol1/sol2")
-    answer = _index_label(label if label is not None else _get(row, "label"), 2, "label")
-    return _choice_item(str(row.get("id", f"{path.stem}:{line}")), line, f"Question: {goal}\nAnswer:", texts, answer)
+def _piqa(text: RowText, path: Path, label: str | None) -> ChoiceItem:
+    answer = _index_label(label if label is not None else _get(text.row, "label"), 2, "label")
+    return _choice_item(str(text.row.get("id", f"{path.stem}:{text.line}")), text.line,
+                        f"Question: {text.context}\nAnswer:", text.choices, answer)
 
 
 def hellaswag_clean(text: str) -> str:
@@ -210,85 +288,132 @@ def hellaswag_clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _hellaswag(row: dict[str, Any], line: int, path: Path, label: str | None) -> ChoiceItem:
-    ctx_b = _get(row, "ctx_b")
-    if not isinstance(ctx_b, str):
-        raise _Bad("wrong_type", "field 'ctx_b' is not a string")
-    query = hellaswag_clean(f"{_text(row, 'activity_label')}: {_text(row, 'ctx_a')} {ctx_b.capitalize()}")
-    endings = _get(row, "endings")
-    if not isinstance(endings, list):
-        raise _Bad("wrong_type", "field 'endings' is not a list")
-    texts = _choice_texts([hellaswag_clean(e) if isinstance(e, str) else e for e in endings], "endings")
+def _hellaswag(text: RowText, path: Path, label: str | None) -> ChoiceItem:
+    row = text.row      # activity_label, ctx_a and ctx_b: checked by _hellaswag_text
+    query = hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    texts = _choice_texts([hellaswag_clean(ending) for ending in text.choices], "endings")
     answer = _index_label(_get(row, "label"), len(texts), "label")
-    return _choice_item(str(row.get("ind", f"{path.stem}:{line}")), line, query, texts, answer)
+    return _choice_item(str(row.get("ind", f"{path.stem}:{text.line}")), text.line, query, texts, answer)
 
 
-def _swag(row: dict[str, Any], line: int, path: Path, label: str | None) -> ChoiceItem:
-    start = row.get("startphrase")
-    context = start if isinstance(start, str) and start.strip() else f"{_text(row, 'sent1')} {_text(row, 'sent2')}"
-    texts = _choice_texts([_get(row, f"ending{i}") for i in range(4)], "ending0..3")
-    answer = _index_label(_get(row, "label"), 4, "label")
-    return _choice_item(f"{path.stem}:{line}", line, context, texts, answer)
+def _swag(text: RowText, path: Path, label: str | None) -> ChoiceItem:
+    answer = _index_label(_get(text.row, "label"), 4, "label")
+    return _choice_item(f"{path.stem}:{text.line}", text.line, text.context, text.choices, answer)
 
 
-def _winogrande(row: dict[str, Any], line: int, path: Path, label: str | None) -> ChoiceItem:
+def _winogrande(text: RowText, path: Path, label: str | None) -> ChoiceItem:
     """Partial scoring: each option fills the blank in the context; the rest of the sentence is scored."""
-    sentence = _text(row, "sentence")
-    if "_" not in sentence:
-        raise _Bad("no_blank", "field 'sentence' has no '_' blank")
-    options = _choice_texts([_get(row, "option1"), _get(row, "option2")], "option1/option2")
+    row = text.row
     answer = str(label if label is not None else _get(row, "answer")).strip()
     if label is not None and str(row.get("answer", "")).strip() not in ("", answer):
         raise _Bad("label_mismatch", f"answer {row['answer']!r} differs from the labels file's {label!r}")
     if answer not in ("1", "2"):
         raise _Bad("label_out_of_range", f"answer {answer!r} is not 1 or 2")
-    blank = sentence.index("_")
-    contexts = tuple(sentence[:blank] + option for option in options)
-    suffix = TARGET_DELIMITER + sentence[blank + 1:].strip()
-    return ChoiceItem(str(_get(row, "qID")), line, contexts, (suffix, suffix), int(answer) - 1, contexts)
+    blank = text.context.index(BLANK)
+    contexts = tuple(text.context[:blank] + option for option in text.choices)
+    suffix = TARGET_DELIMITER + text.context[blank + 1:].strip()
+    return ChoiceItem(str(_get(row, "qID")), text.line, contexts, (suffix, suffix), int(answer) - 1, contexts)
 
 
-def _lambada(row: dict[str, Any], line: int, path: Path, label: str | None) -> ChoiceItem:
+def _lambada(text: RowText, path: Path, label: str | None) -> ChoiceItem:
     """The last space-separated word is the target, as `lambada_openai.yaml` splits on ' '."""
-    words = _text(row, "text").split(" ")
+    words = text.context.split(" ")
     if len(words) < 2 or not words[-1]:
         raise _Bad("no_target", "field 'text' has no space-separated last word")
     target = " " + words[-1]
-    return ChoiceItem(f"{path.stem}:{line}", line, (" ".join(words[:-1]),), (target,), 0, (target,))
+    return ChoiceItem(f"{path.stem}:{text.line}", text.line, (" ".join(words[:-1]),), (target,), 0, (target,))
 
 
 RowReader = Callable[[Path], Iterator[tuple[int, "dict[str, Any] | _Bad"]]]
-Parser = Callable[[dict[str, Any], int, Path, "str | None"], ChoiceItem]
+TextReader = Callable[[dict[str, Any], bool], tuple[str, tuple[str, ...]]]
+Parser = Callable[[RowText, Path, "str | None"], ChoiceItem]
 
 
 @dataclass(frozen=True)
 class Format:
-    """How one released layout is read: its rows, the item parser, and whether a labels file is used."""
+    """One released layout: its rows, where a row's text is, the reader's rendering, the fields that tell a
+    file of this layout by its first row, and whether a labels file is used."""
 
     rows: RowReader
+    text: TextReader
     parse: Parser
+    fields: tuple[str, ...]
     labels_file: str = "no"          # "no" | "optional" | "required"
 
 
-def _swag_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _Bad]]:
+def _csv_or_json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _Bad]]:
+    """A `.csv` file's records, else a JSON array's rows or JSON lines."""
     return _csv_rows(path) if path.suffix.lower() == ".csv" else _json_or_jsonl_rows(path)
 
 
 FORMATS: dict[str, Format] = {
-    "arc": Format(_jsonl_rows, _arc),
-    "piqa": Format(_jsonl_rows, _piqa, labels_file="required"),
-    "hellaswag": Format(_jsonl_rows, _hellaswag),
-    "swag": Format(_swag_rows, _swag),
-    "winogrande": Format(_jsonl_rows, _winogrande, labels_file="optional"),
-    "lambada": Format(_jsonl_rows, _lambada),
+    "arc": Format(_jsonl_rows, _arc_text, _arc, ("question", "answerKey")),
+    "piqa": Format(_jsonl_rows, _piqa_text, _piqa, ("goal", "sol1", "sol2"), labels_file="required"),
+    "hellaswag": Format(_jsonl_rows, _hellaswag_text, _hellaswag, ("ctx_a", "endings")),
+    "swag": Format(_csv_or_json_rows, _swag_text, _swag, ("sent1", "sent2", "ending0")),
+    "winogrande": Format(_jsonl_rows, _winogrande_text, _winogrande, ("sentence", "option1", "option2"),
+                         labels_file="optional"),
+    "lambada": Format(_jsonl_rows, _lambada_text, _lambada, ("text",)),
 }
+
+
+def _row_text(format: str, line: int, row: dict[str, Any] | _Bad, strict: bool) -> RowText:
+    if isinstance(row, _Bad):
+        raise row
+    context, choices = FORMATS[format].text(row, strict)
+    return RowText(format, line, context, choices, row)
+
+
+def _spec(format: str, path: Path) -> Format:
+    if format not in FORMATS:
+        raise DatasetError(f"{path}: unknown format {format!r} (one of {', '.join(FORMATS)})")
+    return FORMATS[format]
+
+
+# ---- raw texts, for decontamination -----------------------------------------------------------
+
+
+def iter_row_texts(format: str, path: Path | str) -> Iterator[RowText]:
+    """Every row's text as released, in file order; no labels needed, blank texts and any number of choices
+    kept. A row with no text to read (not JSON, a text field missing or not a string) raises DatasetError
+    naming the file and line."""
+    path = Path(path)
+    spec = _spec(format, path)
+    for line, row in spec.rows(path):
+        try:
+            text = _row_text(format, line, row, strict=False)
+        except _Bad as bad:
+            detail = str(bad) if bad.reason == "invalid_json" else f"not a {format} row ({bad})"
+            raise DatasetError(f"{path}:{line}: {detail}") from None
+        yield text
+
+
+def detect_format(path: Path | str) -> str:
+    """The format whose fields the first row of `path` (CSV, a JSON array or JSON lines) has; DatasetError
+    naming the file, the line and what it found when no format fits."""
+    path = Path(path)
+    rows = _csv_or_json_rows(path)
+    first = next(rows, None)
+    rows.close()
+    if first is None:
+        raise DatasetError(f"{path}: no rows")
+    line, row = first
+    if isinstance(row, _Bad) and row.reason == "invalid_json":
+        raise DatasetError(f"{path}:{line}: {row}")
+    for name, spec in FORMATS.items():
+        if isinstance(row, dict) and all(field_name in row for field_name in spec.fields):
+            return name
+    found = f"fields {', '.join(sorted(row))}" if isinstance(row, dict) else str(row)
+    raise DatasetError(f"{path}:{line}: not a multiple-choice layout the evaluate stage reads (the fields of "
+                       f"{', '.join(FORMATS)} expected; found {found})")
+
+
+# ---- scored items, for the evaluate and finetune stages ----------------------------------------
 
 
 def read_choice_file(format: str, path: Path | str, labels: Path | str | None = None) -> TaskFile:
     """Every usable item of `path` in layout `format` (a key of FORMATS), and the rows skipped."""
-    if format not in FORMATS:
-        raise DatasetError(f"{path}: unknown format {format!r} (one of {', '.join(FORMATS)})")
-    spec, path = FORMATS[format], Path(path)
+    spec, path = _spec(format, Path(path)), Path(path)
     if labels is not None and spec.labels_file == "no":
         raise DatasetError(f"{labels}: {format} files carry their labels; a labels file is not used")
     if labels is None and spec.labels_file == "required":
@@ -298,7 +423,7 @@ def read_choice_file(format: str, path: Path | str, labels: Path | str | None = 
     label_list = _aligned_labels(path, Path(labels), len(rows)) if labels is not None else [None] * len(rows)
     seen: set[str] = set()
     for (line, row), label in zip(rows, label_list):
-        _add(result, line, row, label, spec.parse, seen)
+        _add(result, format, line, row, label, seen)
     if not result.items:
         reasons = sorted({bad.reason for bad in result.bad})
         raise DatasetError(f"{path}: no usable {format} rows ({result.rows} rows read"
@@ -314,12 +439,10 @@ def _aligned_labels(path: Path, labels: Path, n_rows: int) -> list[str]:
     return values
 
 
-def _add(result: TaskFile, line: int, row: dict[str, Any] | _Bad, label: str | None, parse: Parser,
+def _add(result: TaskFile, format: str, line: int, row: dict[str, Any] | _Bad, label: str | None,
          seen: set[str]) -> None:
     try:
-        if isinstance(row, _Bad):
-            raise row
-        item = parse(row, line, result.path, label)
+        item = FORMATS[format].parse(_row_text(format, line, row, strict=True), result.path, label)
         if item.id in seen:
             raise _Bad("duplicate_id", f"id {item.id!r} appears earlier in the file")
     except _Bad as bad:

@@ -3,9 +3,11 @@
 The texts come from the dataset loaders the fine-tuning stage uses (`tasks.datasets`): a GLUE `.tsv`
 (task from its folder name) gives each example's sentences, a SQuAD `.json` its contexts, questions
 and answers. The evaluate stage's multiple-choice files as released (ARC, PIQA, WinoGrande, LAMBADA
-or any JSONL of `text` rows, HellaSwag, SWAG; the layout is told by the fields of the first row)
-give each item's question or context, alone and followed by each of its choices, in their raw text
-(no "Question:" rendering, no labels file needed: every choice is indexed).
+or any JSONL of `text` rows, HellaSwag, SWAG as JSON lines, a JSON array or val.csv; the layout is told
+by the fields of the first row) give each item's question or context, alone and followed by each of its
+choices, in their raw text (no "Question:" rendering, no labels file needed: every row with text is
+indexed, whatever its label). Which fields hold those texts is the evaluate readers' knowledge
+(`tasks.datasets.multiple_choice`), read here through `iter_row_texts`.
 
 An eval text with fewer words than `n_gram` adds no n-gram, so a page quoting only it is not found;
 `build_index` counts them (`texts_shorter_than_n_gram`: 29% of SST-2 dev, 87% of CoLA dev at 13).
@@ -16,11 +18,9 @@ as datatrove's `NGramsDecontFilter`, in its format (`<eval set>.index.hashes`, o
 """
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from datatrove.pipeline.decont.n_grams import NGramsDecontConfig
@@ -30,6 +30,7 @@ from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 from storage.stage import StageError
 from tasks.datasets import DatasetError, iter_glue, iter_squad
+from tasks.datasets.multiple_choice import detect_format, iter_row_texts
 
 UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.\-]+")
 
@@ -40,107 +41,41 @@ def eval_set_name(path: Path) -> str:
 
 
 def eval_texts(path: Path) -> list[str]:
-    """Every distinct non-blank text of a GLUE `.tsv`, SQuAD `.json` or multiple-choice `.jsonl` file, in file order."""
+    """Every distinct non-blank text of a GLUE `.tsv`, SQuAD `.json` or multiple-choice file, in file order."""
     if not path.is_file():
         raise StageError(f"decontaminate.eval_sets: file not found: {path}")
-    if path.suffix not in (".tsv", ".json", ".jsonl"):
+    if path.suffix not in (".tsv", ".json", ".jsonl", ".csv"):
         raise StageError(f"decontaminate.eval_sets: {path}: unsupported file type (GLUE .tsv, SQuAD .json, or "
-                         "an ARC/PIQA/WinoGrande/LAMBADA/HellaSwag/SWAG .jsonl)")
-    if path.suffix == ".tsv":
-        texts: Iterator[str] = (text for example in iter_glue(path) for text in example.texts())
-    elif path.suffix == ".json" and choice_layout(_first_row(path)) is None:
-        texts = (text for example in iter_squad(path) for text in example.texts())
-    else:
-        texts = choice_texts(path)
+                         "an ARC/PIQA/WinoGrande/LAMBADA/HellaSwag/SWAG .jsonl; SWAG also .csv or a .json array)")
     try:
+        if path.suffix == ".tsv":
+            texts: Iterator[str] = (text for example in iter_glue(path) for text in example.texts())
+        elif path.suffix == ".json" and not _is_choice_file(path):
+            texts = (text for example in iter_squad(path) for text in example.texts())
+        else:
+            texts = choice_texts(path)
         # a dict keeps order and drops repeats (SQuAD repeats a context for each of its questions)
         return list(dict.fromkeys(text for text in texts if text.strip()))
     except DatasetError as err:
         raise StageError(f"decontaminate.eval_sets: {err}") from None
 
 
-# --- multiple-choice files as the evaluate stage reads them ------------------------------------------
+# --- multiple-choice files: the layouts are the evaluate stage's (tasks.datasets.multiple_choice) ----------
 
-def _arc(row: dict[str, Any]) -> tuple[str, list[str]]:
-    question = row["question"]
-    return question["stem"], [choice["text"] for choice in question["choices"]]
-
-
-def _hellaswag(row: dict[str, Any]) -> tuple[str, list[str]]:
-    context = row.get("ctx") or f"{row['ctx_a']} {row['ctx_b']}"
-    return context, list(row["endings"])
-
-
-def _swag(row: dict[str, Any]) -> tuple[str, list[str]]:
-    start = row.get("startphrase") or f"{row['sent1']} {row['sent2']}"
-    return start, [row[f"ending{i}"] for i in range(4)]
-
-
-def _winogrande(row: dict[str, Any]) -> tuple[str, list[str]]:
-    # the sentence with each option in its blank: the choices are whole sentences, there is no shared prefix
-    return "", [row["sentence"].replace("_", row[key], 1) for key in ("option1", "option2")]
-
-
-# layout -> (the fields its first row has, the item's (context, choices))
-CHOICE_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, list[str]]]]] = {
-    "arc": (("question", "answerKey"), _arc),
-    "piqa": (("goal", "sol1", "sol2"), lambda row: (row["goal"], [row["sol1"], row["sol2"]])),
-    "winogrande": (("sentence", "option1", "option2"), _winogrande),
-    "hellaswag": (("ctx_a", "endings"), _hellaswag),
-    "swag": (("sent1", "sent2", "ending0"), _swag),
-    "lambada": (("text",), lambda row: (row["text"], [])),
-}
-
-
-def choice_layout(row: Any) -> str | None:
-    """The multiple-choice layout whose fields `row` (a file's first row) has; None for anything else."""
-    if isinstance(row, dict):
-        for layout, (fields, _) in CHOICE_LAYOUTS.items():
-            if all(name in row for name in fields):
-                return layout
-    return None
-
-
-def _rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) of every non-blank line; a line that is not JSON names the file and line."""
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DatasetError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-
-
-def _first_row(path: Path) -> Any:
-    """The first line of a `.json` file as JSON (a SQuAD file's first line is not JSON on its own: None)."""
+def _is_choice_file(path: Path) -> bool:
+    """Whether a `.json` file's first row is in a multiple-choice layout (else it is read as SQuAD)."""
     try:
-        return next(_rows(path), (0, None))[1]
+        detect_format(path)
     except DatasetError:
-        return None
+        return False
+    return True
 
 
 def choice_texts(path: Path) -> Iterator[str]:
-    """Per item: its question or context alone, and followed by each choice (raw text, as a page would quote it)."""
-    rows = _rows(path)
-    first = next(rows, None)
-    layout = choice_layout(first[1]) if first else None
-    if layout is None:
-        if first is None:
-            raise DatasetError(f"{path}: no rows")
-        found = f"fields {', '.join(sorted(first[1]))}" if isinstance(first[1], dict) else f"a JSON {type(first[1]).__name__}"
-        raise DatasetError(f"{path}:{first[0]}: not a multiple-choice layout the evaluate stage reads (the fields of "
-                           f"{', '.join(CHOICE_LAYOUTS)} expected; found {found})")
-    item = CHOICE_LAYOUTS[layout][1]
-    for number, row in [first, *rows]:
-        try:
-            context, choices = item(row)
-            texts = [context, *(f"{context} {choice}".strip() for choice in choices)]
-            if not all(isinstance(text, str) for text in texts):
-                raise TypeError("a field is not a string")
-        except (KeyError, TypeError, IndexError, AttributeError) as err:
-            raise DatasetError(f"{path}:{number}: not a {layout} row ({type(err).__name__}: {err})") from None
-        yield from texts
+    """Per row: its question or context alone, and followed by each choice (raw text, as a page would quote it);
+    the layout is told by the first row's fields."""
+    for row in iter_row_texts(detect_format(path), path):
+        yield from row.quotes()
 
 
 def decont_config(n_gram: int) -> NGramsDecontConfig:

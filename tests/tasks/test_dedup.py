@@ -18,6 +18,7 @@ import tasks.dedup as dedup  # noqa: E402
 from storage.documents import Document, iter_documents  # noqa: E402
 from storage.stage import StageContext, StageError  # noqa: E402
 from tasks.datasets import read_glue, read_squad  # noqa: E402
+from tasks.datasets.multiple_choice import ChoiceItem, hellaswag_clean, read_choice_file  # noqa: E402
 from tasks.dedup.evalsets import eval_set_name, eval_texts  # noqa: E402
 
 GLUE = curatedata.SHARED_DATA / "glue"
@@ -266,6 +267,92 @@ def test_a_jsonl_that_is_no_multiple_choice_layout_is_a_clear_error(tmp_path):
                                         '{"question": "flat", "answerKey": "A"}\n')
     with pytest.raises(StageError, match=r"arc.jsonl:2: not a arc row"):
         eval_texts(tmp_path / "arc.jsonl")
+
+
+HELLASWAG_ROWS = [   # the released hellaswag_val.jsonl layout: `ctx` is ctx_a and ctx_b joined; WikiHow's brackets
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+                 "starts pulling up roofing on a roof."]},
+    {"ind": 1000, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow tomatoes [title] Pick a spot.",
+     "ctx_b": "", "ctx": "[header] How to grow tomatoes [title] Pick a spot.", "label": 1,
+     "endings": ["[step] Water daily.", "Choose a sunny place [substeps] with  shade."]},
+]
+
+
+def choice_files(tmp_path: Path) -> list[tuple[str, Path, Path | None]]:
+    """(format, file, labels file): every real multiple-choice file, SWAG's rows also as the released val.csv
+    and as a JSON array, and HellaSwag rows in the released layout."""
+    swag_rows = [json.loads(line) for line in (MULTIPLE_CHOICE / "swag-sample.json").read_text().splitlines()]
+    with open(tmp_path / "val.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
+                         "ending0", "ending1", "ending2", "ending3", "label"])
+        for index, row in enumerate(swag_rows):
+            writer.writerow([index, "anetv_x", index, f"{row['sent1']} {row['sent2']}", row["sent1"], row["sent2"],
+                             "gold", *(row[f"ending{i}"] for i in range(4)), row["label"]])
+    (tmp_path / "swag" / "array.json").parent.mkdir()
+    (tmp_path / "swag" / "array.json").write_text(json.dumps(swag_rows, indent=1))
+    (tmp_path / "hellaswag_val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in HELLASWAG_ROWS))
+    mc = MULTIPLE_CHOICE
+    return [("arc", mc / "arc_easy" / "ARC-Easy-Dev.jsonl", None),
+            ("arc", mc / "arc_challenge" / "ARC-Challenge-Dev.jsonl", None),
+            ("piqa", mc / "piqa" / "valid.jsonl", mc / "piqa" / "valid-labels.lst"),
+            ("winogrande", mc / "winogrande" / "dev.jsonl", None),
+            ("lambada", mc / "lambada" / "lambada_test.jsonl", None),
+            ("swag", mc / "swag-sample.json", None), ("swag", tmp_path / "val.csv", None),
+            ("swag", tmp_path / "swag" / "array.json", None), ("hellaswag", tmp_path / "hellaswag_val.jsonl", None)]
+
+
+def scored_texts(format: str, item: ChoiceItem) -> set[str]:
+    """What a page quoting an item as the evaluate reader scores it contains: the context alone and followed by
+    each choice, the harness's rendering undone (WinoGrande, HellaSwag: compared without spaces, and HellaSwag
+    cleaned and lower-cased, as the harness rewrites them)."""
+    if format == "lambada":
+        return {item.contexts[0] + item.continuations[0]}
+    if format == "winogrande":
+        return {squeeze(context + rest) for context, rest in zip(item.contexts, item.continuations)}
+    context = item.contexts[0].removeprefix("Question: ").removesuffix("\nAnswer:")
+    if format == "hellaswag":
+        context = context.split(": ", 1)[1]                  # the harness's "{activity_label}: " prefix
+        return {squeeze(context, True), *(squeeze(context + choice, True) for choice in item.choices)}
+    return {context, *(f"{context} {choice}".strip() for choice in item.choices)}
+
+
+def squeeze(text: str, hellaswag: bool = False) -> str:
+    return "".join((hellaswag_clean(text).lower() if hellaswag else text).split())
+
+
+def test_decontamination_reads_exactly_the_texts_the_evaluate_readers_score(tmp_path):
+    """One place knows the layouts: for every format and layout variant the evaluate stage reads, the texts
+    decontamination indexes are the items' contexts and choices, no more, no fewer."""
+    for format, path, labels in choice_files(tmp_path):
+        items = read_choice_file(format, path, labels).items
+        texts = eval_texts(path)
+        expected = set().union(*(scored_texts(format, item) for item in items))
+        if format in ("winogrande", "hellaswag"):
+            assert {squeeze(text, format == "hellaswag") for text in texts} == expected, path
+        else:
+            assert set(texts) == expected, path
+
+
+def test_decontamination_reads_rows_the_evaluate_reader_skips_for_their_labels_or_choices(tmp_path):
+    """Labels are not needed, nor two choices; a row with no text is named by file and line (the file has a BOM)."""
+    rows = [json.loads(line) for line in (MULTIPLE_CHOICE / "arc_easy" / "ARC-Easy-Dev.jsonl").read_text().splitlines()]
+    rows[0]["answerKey"] = "Z"
+    del rows[1]["answerKey"]
+    rows[2]["question"]["choices"] = rows[2]["question"]["choices"][:1]
+    rows[3]["question"]["choices"][0]["text"] = " "
+    path = tmp_path / "ARC-Easy-Dev.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    assert [bad.line for bad in read_choice_file("arc", path).bad] == [1, 2, 3, 4]
+    texts = set(eval_texts(path))
+    assert {row["question"]["stem"] for row in rows[:4]} <= texts
+    assert f"{rows[2]['question']['stem']} {rows[2]['question']['choices'][0]['text']}" in texts
+    rows[5]["question"]["stem"] = None
+    path.write_text("\ufeff" + "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    with pytest.raises(StageError, match=r"ARC-Easy-Dev.jsonl:6: not a arc row \(field 'stem' is missing\)"):
+        eval_texts(path)
 
 
 def test_decontamination_against_arc_and_piqa_drops_pages_quoting_them(tmp_path):

@@ -129,6 +129,16 @@ def test_hellaswag_rows_in_the_released_layout_are_cleaned_as_the_harness_does(t
     assert hellaswag_clean(" a [title] b [step] c  d ") == "a. b c d"
 
 
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
+    """Editors on Windows write a UTF-8 BOM: the first row is still read (it was skipped as invalid_json)."""
+    for name in ("arc_easy/ARC-Easy-Dev.jsonl", "swag-sample.json"):
+        path = tmp_path / Path(name).name
+        path.write_bytes(b"\xef\xbb\xbf" + (MC / name).read_bytes())
+        format = "arc" if name.startswith("arc") else "swag"
+        data = read_choice_file(format, path)
+        assert data.bad == [] and data.items == read_choice_file(format, MC / name).items
+
+
 def corrupt(tmp_path: Path, name: str, edits: dict[int, str]) -> Path:
     """A copy of a real file with some lines (0-based) replaced."""
     rows = lines(MC / name)

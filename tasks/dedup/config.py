@@ -30,7 +30,7 @@ class ExactConfig(SwitchableStep):
 
 class DecontaminateConfig(SwitchableStep):
     """Drop (or only flag) documents sharing an n-gram with an evaluation set (GLUE .tsv, SQuAD .json, or the
-    evaluate stage's ARC/PIQA/WinoGrande/LAMBADA/HellaSwag/SWAG .jsonl)."""
+    evaluate stage's ARC/PIQA/WinoGrande/LAMBADA/HellaSwag/SWAG .jsonl; SWAG also as .csv or a .json array)."""
 
     enabled: bool = False
     eval_sets: list[Path] = []

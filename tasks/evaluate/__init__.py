@@ -14,7 +14,8 @@ from storage.fingerprint import file_signature
 from storage.stage import Stage, deferred
 from tasks.evaluate.config import EvaluateConfig, HeldoutConfig, TaskSpec
 
-VERSION = "2"   # 2: a BERT's heldout.json records stride null (its masked-LM windows do not overlap)
+VERSION = "2"   # 2: a BERT's heldout.json records stride null (its windows do not overlap); a task file with a
+#                UTF-8 byte-order mark keeps its first row
 
 
 def external_inputs(config: EvaluateConfig) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from storage.fingerprint import file_signature
 from storage.stage import Stage, always, deferred
 from tasks.finetune.config import HUB_PREFIX, FinetuneConfig
 
-VERSION = "2"
+VERSION = "3"   # 2: SQuAD v2 scored with the task's null_threshold; 3: a multiple-choice file with a BOM keeps row 1
 
 
 def data_file_signatures(config: FinetuneConfig) -> dict[str, Any]:

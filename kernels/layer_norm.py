@@ -5,7 +5,8 @@
 
 The forward keeps each row's mean and 1/std (fp32) so the backward reads x and dy once: dx, and
 per-program partial sums of dweight and dbias that one `sum` finishes (deterministic, no atomics).
-The kernels run where Triton runs for the input's device (`kernels.runtime`), else `F.layer_norm` does.
+The kernels run where Triton runs for the input's device (`kernels.runtime`), else `F.layer_norm` does;
+so does it for float64 input, which the kernels would normalise in fp32 only.
 Both passes are `torch.library` custom ops, so `torch.compile` keeps them whole (no graph break).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from kernels.runtime import triton_runs_on
 
 MAX_WIDTH = 16384            # as kernels.layer_norm_triton.MAX_WIDTH (that module imports triton)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # the kernels' arithmetic is fp32
 
 
 def layer_norm_reference(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -29,7 +31,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
     Under CUDA autocast the input is normalised in fp32, as autocast runs `layer_norm` in fp32 there.
     """
-    if not triton_runs_on(x.device) or x.shape[-1] > MAX_WIDTH or x.numel() == 0:
+    if not triton_runs_on(x.device) or x.shape[-1] > MAX_WIDTH or x.numel() == 0 or x.dtype not in KERNEL_DTYPES:
         return layer_norm_reference(x, weight, bias, eps)
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and param.shape != x.shape[-1:]:

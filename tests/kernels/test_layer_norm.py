@@ -76,6 +76,16 @@ def test_rows_wider_than_a_program_fall_back_to_pytorch() -> None:
     assert LAUNCHES["layer_norm_forward"] == before
 
 
+def test_float64_stays_with_f_layer_norm() -> None:
+    """The kernels normalise in fp32: a float64 input (gradcheck, a float64 model) would lose its precision."""
+    x, w, b = inputs((6, 10), True, True, dtype=torch.float64)
+    before = LAUNCHES["layer_norm_forward"]
+    for got, want in zip(value_and_grads(layer_norm, x, w, b), value_and_grads(layer_norm_reference, x, w, b)):
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert LAUNCHES["layer_norm_forward"] == before
+    assert torch.autograd.gradcheck(layer_norm, (x, w, b))
+
+
 def test_the_pytorch_fallback_runs_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     x, w, b = inputs((7, 12), True, True)

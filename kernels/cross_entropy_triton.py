@@ -36,7 +36,9 @@ def cross_entropy_rows(logits_ptr, logits_stride, targets_ptr, scale_ptr, scale_
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=cols[None, :] < n_cols, other=float("-inf"))
         x = x.to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+        # Until a row has met a finite logit its max is -inf, and -inf - -inf is NaN: shift by 0 instead.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
         running_max = new_max
     lse = running_max + tl.log(sum_exp)
     target_logit = tl.load(row_ptrs + targets).to(tl.float32)

@@ -75,6 +75,21 @@ def test_the_kernel_matches_its_pytorch_reference_for_any_block_shape(block_m: i
     torch.testing.assert_close(loss[:3], F.cross_entropy(logits[:3], targets[:3], reduction="none"))
 
 
+def test_a_first_column_block_of_minus_infinity_is_no_nan() -> None:
+    """-inf logits (a bias that forbids the first ids): the online softmax must not shift by -inf - -inf."""
+    from kernels.cross_entropy_triton import cross_entropy_rows_triton
+
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(4))
+    logits[:, :130] = float("-inf")                      # the first two blocks of 64 columns, and two more
+    targets = torch.tensor([200, 131, 300, 150, IGNORE])
+    mine, theirs = logits.clone(), logits.clone()
+    loss = cross_entropy_rows_triton(mine, targets, IGNORE, torch.ones(5), block_m=2, block_n=64)
+    expected = cross_entropy_rows_torch(theirs, targets, IGNORE, torch.ones(5))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(mine, theirs)
+    assert torch.isfinite(loss).all() and torch.isfinite(mine).all()
+
+
 def test_the_dispatcher_runs_triton_only_when_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
     p = problem(bias=False)
     assert backend("cpu") == "triton-interpreter"

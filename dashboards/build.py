@@ -39,7 +39,9 @@ def log_to_mlflow(selection: Selection, path: Path) -> list[str]:
     from storage.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(selection.workspace.root))
-    run_ids = list(dict.fromkeys(run.mlflow_run_id for run in selection.runs if run.mlflow_run_id))
+    shown = [run_id for run in selection.runs
+             for run_id in (run.mlflow_run_id, *(ref.pipeline_mlflow_run_id for ref in run.stages.values()))]
+    run_ids = list(dict.fromkeys(run_id for run_id in shown if run_id))
     for run_id in run_ids:
         client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
     return run_ids

@@ -177,17 +177,15 @@ def facts_panel(selection: Selection, palette: charts.Palette, mlflow_url: str |
 
 def _facts_table(selection: Selection, facts: list[queries.StageFact], palette: charts.Palette,
                  mlflow_url: str | None) -> str:
-    runs = {(run.variant, run.seed): run for run in selection.runs}
     rows = []
     for fact in facts:
-        run = runs[(fact.variant, fact.seed)]
         wall = f"{fact.wall_s:,.1f}" if fact.wall_s is not None else ""
         rows.append(f"<tr><td>{_swatch(palette, fact.variant)}{html.escape(fact.variant)}</td><td>{fact.seed}</td>"
                     f"<td>{fact.stage}</td><td><code>{fact.fingerprint}</code></td>"
                     f"<td>{'cached' if fact.cached else 'built'}</td><td class='num'>{wall}</td>"
                     f"<td class='num'>{fact.throughput}</td>"
                     f"<td>{_mlflow_link(mlflow_url, fact.mlflow_run_id)}</td>"
-                    f"<td>{_mlflow_link(mlflow_url, run.mlflow_run_id)}</td></tr>")
+                    f"<td>{_mlflow_link(mlflow_url, fact.pipeline_mlflow_run_id)}</td></tr>")
     head = ("<tr><th>variant</th><th>seed</th><th>stage</th><th>fingerprint</th><th>status</th><th>wall (s)</th>"
             "<th>throughput</th><th>MLflow stage run</th><th>MLflow pipeline run</th></tr>")
     note = (f"<p class='note'>MLflow links open the UI at {html.escape(mlflow_url)} (start it with "

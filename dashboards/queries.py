@@ -1,7 +1,8 @@
 """What each dashboard panel shows, read from the catalog, the stage outputs and their counters.
 
-Every query takes a `Selection` (the pipeline runs being compared: a grid's latest finished run per
-variant and seed, or the latest finished pipeline run) and returns plain rows, so a panel is a
+Every query takes a `Selection` (the pipeline runs being compared: per variant and seed of a grid, each
+stage's current output as `lmforge compare` chooses it (`flows.compare.grid_members`), or the latest
+finished pipeline run) and returns plain rows, so a panel is a
 function of data the tests can check without a browser. A stage that is not in a run yields no rows:
 the page shows the panel's empty state instead.
 """
@@ -15,20 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.compare import GRID_RUNS_CTE, Cell, current_members
+from flows.compare import (Cell, GridMember, StageOutput, grid_members, output_stats,
+                           stage_output)
 from storage.catalog import Catalog
 from storage.workspace import Workspace
 
-GRID_RUNS = GRID_RUNS_CTE + """
-    select r.variant, r.seed, r.run_id, p.mlflow_run_id, p.config, p.recipe_name
-    from runs r join pipeline_runs p using (run_id)
-    where r.newest = 1 order by r.position, r.variant, r.seed"""
 LATEST_RUN = """
     select recipe_name, run_id, mlflow_run_id, config, recipe_name from pipeline_runs
     where status = 'finished' order by started_at desc limit 1"""
 STAGE_ROWS = """
-    select run_id, stage, fingerprint, cached, wall_s, output_dir, mlflow_run_id from stage_runs
-    where status = 'finished' and run_id in (select unnest(?::varchar[])) order by started_at"""
+    select stage, fingerprint, cached, wall_s, output_dir, mlflow_run_id, input_fingerprints from stage_runs
+    where status = 'finished' and run_id = ? order by started_at"""
 
 
 class NothingToShowError(LookupError):
@@ -46,11 +44,14 @@ class StageRef:
     output_dir: Path
     mlflow_run_id: str | None
     stats: dict[str, float]
+    run_id: str = ""                             # the pipeline run that recorded it
+    pipeline_mlflow_run_id: str | None = None    # that run's MLflow parent run
 
 
 @dataclass(frozen=True)
 class RunRef:
-    """One pipeline run in the comparison: (variant, seed) of a grid, or the latest run on its own."""
+    """One (variant, seed) of a grid, or the latest run on its own; `run_id` is its newest run, and each stage
+    says which run it comes from (they differ after a partial rerun)."""
 
     variant: str
     seed: int
@@ -58,6 +59,7 @@ class RunRef:
     mlflow_run_id: str | None
     overrides: dict[str, Any]
     stages: dict[str, StageRef]
+    missing: tuple[str, ...] = ()      # stages of its recipe with no current output (`GridMember.missing`)
 
 
 @dataclass
@@ -84,42 +86,39 @@ class Selection:
 
 
 def select(ws: Workspace, grid: str | None) -> Selection:
-    """A grid's latest finished run per (variant, seed) it has now, or the workspace's latest finished pipeline run."""
+    """Each (variant, seed) a grid has now with its stages' current outputs, or the workspace's latest finished
+    pipeline run."""
     if not ws.catalog_path.is_file():
         raise NothingToShowError(f"no catalog at {ws.catalog_path}: run a recipe or a grid first, or pass --workspace")
     catalog = Catalog(ws.catalog_path)
-    rows = current_members(ws, grid, catalog.query(GRID_RUNS, params=[grid])[1]) if grid else _latest_run(catalog)
-    if not rows:
+    members = grid_members(ws, grid) if grid else _latest_run(catalog)
+    if not members:
         what = f"ablation grid {grid!r}" if grid else "pipeline run"
         raise NothingToShowError(f"no finished {what} in {ws.root}: run `lmforge {'ablate' if grid else 'run'}` first")
-    stages = _stages_by_run(catalog, [row[2] for row in rows])
-    runs = [_run_ref(row, stages.get(row[2], {})) for row in rows]
-    title = f"ablation {grid}" if grid else f"pipeline run {rows[0][5]} ({rows[0][2]})"
+    stats = output_stats(catalog)
+    runs = [_run_ref(member, stats) for member in members]
+    title = f"ablation {grid}" if grid else f"pipeline run {members[0].variant} ({members[0].run_id})"
     return Selection(title, grid, ws, runs)
 
 
-def _latest_run(catalog: Catalog) -> list[tuple[Any, ...]]:
-    rows = catalog.query(LATEST_RUN)[1]
-    return [(name, json.loads(config).get("seed", 0), run_id, mlflow_id, config, name)
-            for name, run_id, mlflow_id, config, _ in rows]
+def _latest_run(catalog: Catalog) -> list[GridMember]:
+    """The latest finished pipeline run as a member of its own (its recipe name as the variant)."""
+    members = []
+    for name, run_id, mlflow_id, config, _ in catalog.query(LATEST_RUN)[1]:
+        stages = [stage_output(run_id, mlflow_id, *row) for row in catalog.query(STAGE_ROWS, params=[run_id])[1]]
+        members.append(GridMember(name, int(json.loads(config).get("seed", 0)), 0, run_id, mlflow_id, config, stages))
+    return members
 
 
-def _run_ref(row: tuple[Any, ...], stages: dict[str, StageRef]) -> RunRef:
-    variant, seed, run_id, mlflow_run_id, config, _name = row
-    ablation = json.loads(config or "{}").get("ablation") or {}
-    return RunRef(variant, int(seed), run_id, mlflow_run_id, ablation.get("overrides", {}), stages)
+def _run_ref(member: GridMember, stats: dict[tuple[str, str], dict[str, float]]) -> RunRef:
+    ablation = json.loads(member.config or "{}").get("ablation") or {}
+    return RunRef(member.variant, member.seed, member.run_id, member.mlflow_run_id, ablation.get("overrides", {}),
+                  {out.stage: _stage_ref(out, stats) for out in member.stages}, tuple(member.missing))
 
 
-def _stages_by_run(catalog: Catalog, run_ids: list[str]) -> dict[str, dict[str, StageRef]]:
-    """run id -> stage -> its output, with the output's counters from `stage_stats`."""
-    stats: dict[tuple[str, str], dict[str, float]] = {}
-    for stage, fingerprint, name, value in catalog.query("select stage, fingerprint, name, value from stage_stats")[1]:
-        stats.setdefault((stage, fingerprint), {})[name] = value
-    by_run: dict[str, dict[str, StageRef]] = {}
-    for run_id, stage, fp, cached, wall_s, output_dir, mlflow_id in catalog.query(STAGE_ROWS, params=[run_ids])[1]:
-        ref = StageRef(stage, fp, bool(cached), wall_s, Path(output_dir), mlflow_id, stats.get((stage, fp), {}))
-        by_run.setdefault(run_id, {})[stage] = ref
-    return by_run
+def _stage_ref(out: StageOutput, stats: dict[tuple[str, str], dict[str, float]]) -> StageRef:
+    return StageRef(out.stage, out.fingerprint, out.cached, out.wall_s, Path(out.output_dir), out.mlflow_run_id,
+                    stats.get((out.stage, out.fingerprint), {}), out.run_id, out.pipeline_mlflow_run_id)
 
 
 def one_per_variant(selection: Selection, stage: str) -> dict[str, StageRef]:
@@ -412,6 +411,7 @@ class StageFact:
     wall_s: float | None
     throughput: str          # "1,234 tokens/s", "56 docs/s" or ""
     mlflow_run_id: str | None
+    pipeline_mlflow_run_id: str | None = None    # the pipeline run it comes from (not always the newest)
 
 
 THROUGHPUT = {"shard": ("tokens_train", "tokens"), "tokenizer": ("train_chars", "chars"),
@@ -421,7 +421,7 @@ THROUGHPUT = {"shard": ("tokens_train", "tokens"), "tokenizer": ("train_chars", 
 def stage_facts(selection: Selection) -> list[StageFact]:
     """Every stage of every run: fingerprint, built or cached, wall time and throughput, its MLflow run."""
     return [StageFact(run.variant, run.seed, ref.stage, ref.fingerprint, ref.cached, ref.wall_s, throughput(ref),
-                      ref.mlflow_run_id)
+                      ref.mlflow_run_id, ref.pipeline_mlflow_run_id)
             for run in selection.runs for ref in run.stages.values()]
 
 

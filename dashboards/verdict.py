@@ -76,8 +76,18 @@ def verdict_html(selection: Selection, palette: Palette) -> str:
     sentence = headline_sentence(judge, ranked)
     caveat = f"<p class='note'>{html.escape(judge.caveat)}</p>" if judge.caveat else ""
     return (f"<section class='verdict' id='verdict'><h2>Verdict</h2><p>{sentence}</p>"
-            f"{why_html(selection, ranked)}{caveat}"
+            f"{why_html(selection, ranked)}{caveat}{_missing_html(selection, judge)}"
             f"{_table(selection, judge, ranked, palette)}</section>")
+
+
+def _missing_html(selection: Selection, judge: Judge) -> str:
+    """The seeds left out of the judged score because their stage has no current output (a partial rerun)."""
+    stage = judge.metric.split("/", 1)[0]
+    gone = [f"{run.variant} seed {run.seed}" for run in selection.runs if stage in run.missing]
+    if not gone:
+        return ""
+    return (f"<p class='note'>Not scored: {html.escape(', '.join(gone))} (no current {stage} output: none was built "
+            "from its current upstream since a partial rerun).</p>")
 
 
 def leaders(ranked: list[Standing]) -> list[Standing]:

@@ -1,7 +1,9 @@
 """`lmforge compare GRID`: the variant x metric table of an ablation grid, with mean and spread over seeds.
 
 The metrics are every stage's headline counters (`Stage.headline`), named `<stage>/<counter>`, read
-from the catalog: for each (variant, seed) the grid has now, the latest finished pipeline run recorded for it.
+from the catalog: for each (variant, seed) the grid has now, each stage's current output (`current_outputs`),
+so a partial rerun (`lmforge run <variant recipe> --only evaluate`) updates the stages it ran and keeps the
+others. The dashboard selects its runs through `grid_members` too.
 """
 from __future__ import annotations
 
@@ -19,19 +21,13 @@ from storage.catalog import Catalog
 from storage.workspace import Workspace
 
 FORMATS = ("table", "csv", "json", "markdown")
-# `runs`: a grid's finished pipeline runs; `newest = 1` marks the latest per (variant, seed). The dashboard
-# selects its runs through it too.
-GRID_RUNS_CTE = """
-    with runs as (
-        select a.variant, a.position, a.seed, a.run_id,
-               row_number() over (partition by a.variant, a.seed order by p.started_at desc) as newest
-        from ablations a join pipeline_runs p using (run_id)
-        where a.grid = ? and p.status = 'finished')"""
-LATEST_RUNS = GRID_RUNS_CTE + """
-    select r.variant, r.seed, s.stage, s.fingerprint
-    from runs r join stage_runs s using (run_id)
-    where r.newest = 1 and s.status = 'finished'
-    order by r.position, r.variant, r.seed, s.started_at"""
+# Every finished stage row of the grid's finished pipeline runs, newest run first.
+GRID_STAGES = """
+    select a.variant, a.seed, a.position, p.run_id, p.mlflow_run_id, p.config,
+           s.stage, s.fingerprint, s.cached, s.wall_s, s.output_dir, s.mlflow_run_id, s.input_fingerprints
+    from ablations a join pipeline_runs p using (run_id) join stage_runs s using (run_id)
+    where a.grid = ? and p.status = 'finished' and s.status = 'finished'
+    order by p.started_at desc, p.run_id, s.started_at"""
 
 
 MEMBERS_FILE = "grid.json"      # in ablations/<grid>/: the (variant, seed) pairs of the grid as last ablated
@@ -45,15 +41,119 @@ def write_members(ws: Workspace, grid: str, members: list[tuple[str, int]]) -> P
     return path
 
 
-def current_members(ws: Workspace, grid: str, rows: list[tuple]) -> list[tuple]:
-    """The catalog rows `(variant, seed, ...)` of the grid's current variants and seeds (all of them when the
-    grid's members were never recorded)."""
+def current_members(ws: Workspace, grid: str, members: list[GridMember]) -> list[GridMember]:
+    """The grid's current variants and seeds (all of them when the grid's members were never recorded)."""
     try:
-        members = {(variant, int(seed)) for variant, seed in
-                   json.loads((ws.root / "ablations" / grid / MEMBERS_FILE).read_text())["members"]}
+        wanted = {(variant, int(seed)) for variant, seed in
+                  json.loads((ws.root / "ablations" / grid / MEMBERS_FILE).read_text())["members"]}
     except (OSError, ValueError, KeyError, TypeError):
-        return rows
-    return [row for row in rows if (row[0], int(row[1])) in members]
+        return members
+    return [member for member in members if (member.variant, member.seed) in wanted]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """One stage output as a pipeline run recorded it (built there, or reused)."""
+
+    stage: str
+    fingerprint: str
+    run_id: str                          # the pipeline run that recorded it
+    pipeline_mlflow_run_id: str | None   # that run's MLflow parent run
+    cached: bool
+    wall_s: float | None
+    output_dir: str
+    mlflow_run_id: str | None            # the stage's nested MLflow run
+    input_fingerprints: tuple[str, ...]  # the upstream outputs it was made from
+
+
+@dataclass(frozen=True)
+class GridMember:
+    """One (variant, seed) of a grid: its newest finished pipeline run and each stage's current output."""
+
+    variant: str
+    seed: int
+    position: int
+    run_id: str
+    mlflow_run_id: str | None
+    config: str | None                   # the newest run's recipe (JSON)
+    stages: list[StageOutput]            # in pipeline order
+
+    @property
+    def run_ids(self) -> list[str]:
+        """The pipeline runs its stages come from, newest first (more than one after a partial rerun)."""
+        return list(dict.fromkeys([self.run_id, *(out.run_id for out in self.stages)]))
+
+    @property
+    def missing(self) -> list[str]:
+        """Stages of its recipe with no current output (never run, or only from an upstream output since replaced)."""
+        have = {out.stage for out in self.stages}
+        return [stage for stage in PIPELINE_ORDER if stage in (recipe_stages(self.config) or ()) and stage not in have]
+
+
+def grid_members(ws: Workspace, grid: str) -> list[GridMember]:
+    """Each (variant, seed) the grid has now, with the output current for each of its stages, in grid order."""
+    newest: dict[tuple[str, int], tuple[Any, ...]] = {}
+    runs: dict[tuple[str, int], dict[str, list[StageOutput]]] = {}
+    for variant, seed, position, run_id, mlflow_id, config, *stage in Catalog(ws.catalog_path).query(
+            GRID_STAGES, params=[grid])[1]:
+        key = (variant, int(seed))
+        newest.setdefault(key, (position, run_id, mlflow_id, config))
+        runs.setdefault(key, {}).setdefault(run_id, []).append(stage_output(run_id, mlflow_id, *stage))
+    members = [GridMember(variant, seed, position, run_id, mlflow_id, config,
+                          current_outputs(list(runs[(variant, seed)].values()), recipe_stages(config)))
+               for (variant, seed), (position, run_id, mlflow_id, config) in newest.items()]
+    return current_members(ws, grid, sorted(members, key=lambda m: (m.position, m.variant, m.seed)))
+
+
+def stage_output(run_id: str, pipeline_mlflow_id: str | None, stage: str, fingerprint: str, cached: bool,
+                 wall_s: float | None, output_dir: str, mlflow_id: str | None, inputs: str | None) -> StageOutput:
+    upstream = json.loads(inputs) if inputs else {}
+    return StageOutput(stage, fingerprint, run_id, pipeline_mlflow_id, bool(cached), wall_s, output_dir, mlflow_id,
+                       tuple(upstream.values()) if isinstance(upstream, dict) else ())
+
+
+def recipe_stages(config: str | None) -> set[str] | None:
+    """The stages a recipe (a pipeline run's config JSON) enables; None when it names none (not recorded)."""
+    try:
+        recipe = json.loads(config or "{}")
+    except ValueError:
+        return None
+    stages = {name for name in PIPELINE_ORDER if isinstance(recipe, dict) and recipe.get(name) is not None}
+    return stages or None
+
+
+def current_outputs(runs: list[list[StageOutput]], stages: set[str] | None) -> list[StageOutput]:
+    """Each stage's current output from one (variant, seed)'s finished runs (newest first): what the newest run
+    built or reused, the outputs those were made from, then for each other stage of its recipe (`stages`) the
+    newest output made from the ones chosen. An output made from another upstream (stale) is never chosen."""
+    chosen = {out.stage: out for out in runs[0]}
+    by_fingerprint: dict[str, StageOutput] = {}
+    for out in (out for run in runs for out in run):
+        by_fingerprint.setdefault(out.fingerprint, out)
+    todo = list(chosen.values())
+    while todo:
+        for fingerprint in todo.pop().input_fingerprints:
+            upstream = by_fingerprint.get(fingerprint)
+            if upstream is not None and upstream.stage not in chosen:
+                chosen[upstream.stage] = upstream
+                todo.append(upstream)
+    for stage in PIPELINE_ORDER:
+        if stage not in chosen and (stages is None or stage in stages):
+            found = next((out for run in runs for out in run
+                          if out.stage == stage and _made_from(out, chosen, by_fingerprint)), None)
+            if found is not None:
+                chosen[stage] = found
+    return [chosen[stage] for stage in PIPELINE_ORDER if stage in chosen]
+
+
+def _made_from(out: StageOutput, chosen: dict[str, StageOutput], recorded: dict[str, StageOutput]) -> bool:
+    """Every input of `out` that these runs recorded is the output chosen for its stage (an input they never
+    recorded, such as the documents a `from_recipe` tokenizer was trained on in its own recipe, cannot be checked)."""
+    for fingerprint in out.input_fingerprints:
+        upstream = recorded.get(fingerprint)
+        if upstream is not None and (upstream.stage not in chosen or chosen[upstream.stage].fingerprint != fingerprint):
+            return False
+    return True
 
 
 class NoSuchGridError(LookupError):
@@ -63,6 +163,7 @@ class NoSuchGridError(LookupError):
 @dataclass
 class Cell:
     values: list[float] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)      # the pipeline run each value comes from
 
     @property
     def mean(self) -> float:
@@ -80,43 +181,50 @@ class Comparison:
     variants: list[str]
     metrics: list[str]
     cells: dict[tuple[str, str], Cell]
+    members: list[GridMember] = field(default_factory=list)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
-        """Long format: one row per variant and metric."""
+        """Long format: one row per variant and metric, with the pipeline run of each seed's value."""
         return [{"grid": self.grid, "variant": variant, "metric": metric, "mean": cell.mean, "std": cell.std,
-                 "seeds": len(cell.values)}
+                 "seeds": len(cell.values), "runs": cell.runs}
                 for variant in self.variants for metric in self.metrics
                 if (cell := self.cells.get((variant, metric))) is not None]
 
 
 def compare_grid(ws: Workspace, grid: str) -> Comparison:
-    """Reads the grid's latest finished runs and their stages' headline counters from the catalog."""
-    catalog = Catalog(ws.catalog_path)
-    runs = current_members(ws, grid, catalog.query(LATEST_RUNS, params=[grid])[1])
-    if not runs:
+    """Reads the grid's current stage outputs and their headline counters from the catalog."""
+    members = grid_members(ws, grid)
+    if not members:
         raise NoSuchGridError(f"no finished run of ablation grid {grid!r} in {ws.root}: run `lmforge ablate` first")
-    _, stats = catalog.query("select stage, fingerprint, name, value from stage_stats")
+    return _table(grid, members, output_stats(Catalog(ws.catalog_path)))
+
+
+def output_stats(catalog: Catalog) -> dict[tuple[str, str], dict[str, float]]:
+    """(stage, fingerprint) -> the counters of that output (`stage_stats`)."""
     by_output: dict[tuple[str, str], dict[str, float]] = {}
-    for stage, fingerprint, name, value in stats:
+    for stage, fingerprint, name, value in catalog.query("select stage, fingerprint, name, value from stage_stats")[1]:
         by_output.setdefault((stage, fingerprint), {})[name] = value
-    return _table(grid, runs, by_output)
+    return by_output
 
 
-def _table(grid: str, runs: list[tuple], by_output: dict[tuple[str, str], dict[str, float]]) -> Comparison:
+def _table(grid: str, members: list[GridMember], by_output: dict[tuple[str, str], dict[str, float]]) -> Comparison:
     variants: list[str] = []
     metrics: list[str] = []
     cells: dict[tuple[str, str], Cell] = {}
-    for variant, _seed, stage, fingerprint in runs:
-        if variant not in variants:
-            variants.append(variant)
-        headline = STAGES[stage].headline_stats(by_output.get((stage, fingerprint), {})) if stage in STAGES else {}
-        for counter, value in headline.items():
-            metric = f"{stage}/{counter}"
-            if metric not in metrics:
-                metrics.append(metric)
-            cells.setdefault((variant, metric), Cell()).values.append(value)
-    return Comparison(grid, variants, sorted(metrics, key=_pipeline_position), cells)
+    for member in members:
+        if member.variant not in variants:
+            variants.append(member.variant)
+        for out in member.stages:
+            stats = by_output.get((out.stage, out.fingerprint), {})
+            for counter, value in (STAGES[out.stage].headline_stats(stats) if out.stage in STAGES else {}).items():
+                metric = f"{out.stage}/{counter}"
+                if metric not in metrics:
+                    metrics.append(metric)
+                cell = cells.setdefault((member.variant, metric), Cell())
+                cell.values.append(value)
+                cell.runs.append(out.run_id)
+    return Comparison(grid, variants, sorted(metrics, key=_pipeline_position), cells, members)
 
 
 def _pipeline_position(metric: str) -> int:
@@ -131,9 +239,9 @@ def render(table: Comparison, fmt: str) -> str:
         return json.dumps(table.rows, indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=["grid", "variant", "metric", "mean", "std", "seeds"])
+        writer = csv.DictWriter(out, fieldnames=["grid", "variant", "metric", "mean", "std", "seeds", "runs"])
         writer.writeheader()
-        writer.writerows(table.rows)
+        writer.writerows({**row, "runs": " ".join(row["runs"])} for row in table.rows)
         return out.getvalue()
     return _markdown(table) if fmt == "markdown" else _plain(table)
 
@@ -161,14 +269,30 @@ def _plain(table: Comparison) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *body]]
     seeds = max((len(c.values) for c in table.cells.values()), default=0)
     return "\n".join([f"ablation {table.grid}: {len(table.variants)} variants"
-                      + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""), *lines])
+                      + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""), *lines, *_provenance(table)])
+
+
+def _provenance(table: Comparison) -> list[str]:
+    """Where a (variant, seed)'s stages come from several pipeline runs (a partial rerun), which stages from which;
+    and the stages of its recipe that have no current output, so a missing seed is never silent."""
+    lines = []
+    for member in table.members:
+        by_run: dict[str, list[str]] = {}
+        for out in member.stages:
+            by_run.setdefault(out.run_id, []).append(out.stage)
+        parts = [f"{', '.join(stages)} from run {run_id}" for run_id, stages in by_run.items()] if len(by_run) > 1 else []
+        if member.missing:
+            parts.append(f"no current {', '.join(member.missing)} output (none built from its current upstream)")
+        if parts:
+            lines.append(f"  {member.variant} seed {member.seed}: " + "; ".join(parts))
+    return ["", "partial reruns (each stage shows its current output):", *lines] if lines else []
 
 
 def _markdown(table: Comparison) -> str:
     header = ["metric", *table.variants]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _grid_cells(table)]
-    return "\n".join(lines)
+    return "\n".join([*lines, *_provenance(table)])
 
 
 def comparison_path(ws: Workspace, grid: str) -> Path:

@@ -104,6 +104,56 @@ def test_the_grid_selection_is_each_variant_and_seed_with_its_stages(grid: Selec
         queries.select(built, "nope")
 
 
+def test_a_partial_rerun_of_one_variant_updates_its_stage_and_keeps_the_others(built: Workspace, grid: Selection,
+                                                                              tmp_path: Path) -> None:
+    """`lmforge run <variant recipe> --only evaluate` (here with a changed task limit) records a run with one stage:
+    compare and the dashboard must show its new evaluate numbers beside the variant's earlier pretrain and finetune
+    numbers, for both seeds, and say which run each stage comes from."""
+    import shutil
+
+    from flows.compare import compare_grid, render
+
+    ws = tmp_path / "ws"
+    shutil.copytree(built.root, ws)          # the module's workspace stays as the other tests expect it
+    recipe = ws / "ablations/dash/dash-curated-s1.json"
+    out = run_cli(["run", str(recipe), "-w", str(ws), "--only", "evaluate", "--set", "evaluate.tasks.0.limit=6"],
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = grid.runs[2], queries.select(Workspace(ws), "dash").runs[2]
+    assert (after.variant, after.seed) == ("curated", 1) and after.run_id != before.run_id
+    assert list(after.stages) == list(before.stages)                          # every stage, not only evaluate
+    assert after.stages["pretrain"] == before.stages["pretrain"]
+    assert after.stages["finetune"].run_id == before.run_id != after.stages["evaluate"].run_id == after.run_id
+    evaluate = after.stages["evaluate"]
+    assert evaluate.fingerprint != before.stages["evaluate"].fingerprint
+    assert evaluate.stats == json.loads((ws / f"stages/evaluate/{evaluate.fingerprint}/_SUCCESS.json").read_text())[
+        "stats"]
+    table = compare_grid(Workspace(ws), "dash")
+    seed2 = grid.runs[3].stages
+    assert table.cells[("curated", "pretrain/final_val_loss")].values == \
+        [before.stages["pretrain"].stats["final_val_loss"], seed2["pretrain"].stats["final_val_loss"]]
+    core = table.cells[("curated", "evaluate/aggregate/core")]
+    assert core.values == [evaluate.stats["aggregate/core"], seed2["evaluate"].stats["aggregate/core"]]
+    assert core.runs == [after.run_id, grid.runs[3].run_id]
+    assert f"finetune from run {before.run_id}; evaluate from run {after.run_id}" in render(table, "table")
+
+
+def test_a_seed_whose_evaluate_is_stale_is_named_under_the_verdict(grid: Selection) -> None:
+    """A seed rerun `--until pretrain` with another model has no current evaluate: the verdict says it is not scored."""
+    from dataclasses import replace
+
+    from dashboards.charts import Palette
+    from dashboards.verdict import verdict_html
+
+    runs = list(grid.runs)
+    runs[3] = replace(runs[3], stages={k: v for k, v in runs[3].stages.items() if k not in ("finetune", "evaluate")},
+                      missing=("finetune", "evaluate"))
+    partial = Selection(grid.title, grid.grid, grid.workspace, runs)
+    assert "Not scored: curated seed 2 (no current evaluate output" in verdict_html(partial, Palette(partial.variants))
+    assert {s.variant: s.seeds for s in standings(partial, choose_judge(partial))} == {"raw": 2, "curated": 1}
+    assert "Not scored" not in verdict_html(grid, Palette(grid.variants))
+
+
 def test_the_latest_run_is_the_one_that_stopped_at_pretrain(built: Workspace) -> None:
     latest = queries.select(built, None)
     assert len(latest.runs) == 1 and latest.grid is None and latest.variants == ["dashbase"]

@@ -253,3 +253,41 @@ def test_compare_and_the_dashboard_show_only_the_variants_and_seeds_the_grid_has
     assert table.variants == ["full", "dolma5"]
     assert {(r["variant"], r["mean"], r["seeds"]) for r in table.rows} == {("full", 48, 1), ("dolma5", 43, 1)}
     assert [(run.variant, run.seed) for run in select(ws, "tiny").runs] == [("full", 1337), ("dolma5", 1337)]
+
+
+def test_each_stage_is_the_current_output_across_a_variants_runs() -> None:
+    """After partial reruns of one (variant, seed), each stage shows the output its newest run used, or else the
+    newest one made from the outputs chosen upstream; never an output made from another upstream, nor a stage
+    the recipe no longer has."""
+    from flows.compare import Comparison, GridMember, StageOutput, current_outputs, recipe_stages, render
+
+    def out(stage: str, fingerprint: str, run: str, *inputs: str) -> StageOutput:
+        return StageOutput(stage, fingerprint, run, None, False, 0.0, "", None, inputs)
+
+    def chosen(runs: list[list[StageOutput]], stages: set[str] | None = None) -> list[tuple[str, str, str]]:
+        return [(o.stage, o.fingerprint, o.run_id) for o in current_outputs(runs, stages)]
+
+    full = [out("ingest", "I1", "r1"), out("tokenizer", "T1", "r1", "base-docs"), out("shard", "S1", "r1", "I1", "T1"),
+            out("pretrain", "P1", "r1", "S1", "T1"), out("finetune", "F1", "r1", "P1", "T1"),
+            out("evaluate", "E1", "r1", "P1", "T1")]
+    # --only evaluate (a changed task): the new evaluate, every other stage from the full run
+    assert chosen([[out("evaluate", "E2", "r2", "P1", "T1")], full]) == \
+        [("ingest", "I1", "r1"), ("tokenizer", "T1", "r1"), ("shard", "S1", "r1"), ("pretrain", "P1", "r1"),
+         ("finetune", "F1", "r1"), ("evaluate", "E2", "r2")]
+    # --until pretrain with a new model: the old finetune and evaluate scored another model
+    until = [out("ingest", "I1", "r2"), out("tokenizer", "T1", "r2", "base-docs"), out("shard", "S1", "r2", "I1", "T1"),
+             out("pretrain", "P2", "r2", "S1", "T1")]
+    assert [stage for stage, _, _ in chosen([until, full])] == ["ingest", "tokenizer", "shard", "pretrain"]
+    recipe = json.dumps({stage: {} for stage in ("ingest", "tokenizer", "shard", "pretrain", "finetune", "evaluate")})
+    member = GridMember("v", 1, 0, "r2", None, recipe, current_outputs([until, full], recipe_stages(recipe)))
+    assert member.missing == ["finetune", "evaluate"]          # said under the table, not only a seed fewer
+    assert "v seed 1: no current finetune, evaluate output" in render(Comparison("g", ["v"], [], {}, [member]), "table")
+    # --only ingest: the tokenizer, borrowed from another recipe, was trained on documents this variant never recorded
+    assert chosen([[out("ingest", "I1", "r2")], full])[1:] == [(o.stage, o.fingerprint, "r1") for o in full[1:]]
+    # a shard built since (--only shard with other values) is not what the newest run's evaluate was made from
+    assert ("shard", "S1", "r1") in chosen([[out("evaluate", "E2", "r3", "P1", "T1")],
+                                             [out("shard", "S2", "r2", "I1", "T1")], full])
+    # a stage the recipe no longer has (curate turned off) stays out, though its input is still current
+    curated = [out("ingest", "I1", "r1"), out("curate", "C1", "r1", "I1"), out("shard", "S1", "r1", "C1")]
+    raw = [out("ingest", "I1", "r2"), out("shard", "S3", "r2", "I1")]
+    assert chosen([raw, curated], {"ingest", "shard"}) == [("ingest", "I1", "r2"), ("shard", "S3", "r2")]

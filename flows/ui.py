@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -113,6 +115,7 @@ def serve_uis(plan: UIPlan) -> None:
     """Starts both servers, prints their addresses, and stops both on Ctrl-C or when one exits."""
     from storage.tracking import Tracker, redact_uri
 
+    stop_on_sigterm()
     record = plan.ws.root / UI_FILE
     record.unlink(missing_ok=True)      # a stale one (killed ui) must not send runs to a dead server meanwhile
     if plan.backend is None:
@@ -138,6 +141,16 @@ def serve_uis(plan: UIPlan) -> None:
     finally:
         record.unlink(missing_ok=True)
         stop(procs)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, `kill %1` of `lmforge ui &`) unwinds like Ctrl-C: both servers stop and ui.json goes.
+    Without it the servers outlived lmforge, holding their ports, and ui.json stayed behind."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def ui_record(plan: UIPlan) -> dict[str, object]:

@@ -66,3 +66,45 @@ def test_ui_serves_prefect_and_mlflow_on_loopback(tmp_path, shared_data):
     assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in output
     assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}" in output
     assert not (tmp_path / "ws" / "ui.json").exists()          # gone with the servers: later runs do not wait for it
+
+
+# `lmforge ui` with two stand-in servers (sleepers) and no health checks: what it does on a signal, in seconds
+STAND_IN_UI = """
+import sys
+import flows.ui, storage.tracking
+sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+flows.ui.ui_commands = lambda plan: {"prefect": sleeper, "mlflow": sleeper}
+flows.ui.wait_until_ready = lambda plan, procs: None
+storage.tracking.Tracker = lambda *args: None
+from flows.cli import main
+sys.argv = ["lmforge", "ui", "-w", sys.argv[1]]
+main()
+"""
+
+
+def test_sigterm_stops_both_servers_like_ctrl_c(tmp_path):
+    """`lmforge ui &` is stopped with `kill %1` (SIGTERM): both servers go with it, and so does ui.json.
+
+    It left them running (holding their ports, so the next `lmforge ui` could not start) and ui.json behind."""
+    ws, log = tmp_path / "ws", tmp_path / "ui.log"
+    with log.open("w") as out:      # a file, not a pipe: servers left running would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", STAND_IN_UI, str(ws)], cwd=REPO_ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    servers: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 60
+        while not (ws / "ui.json").exists():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        servers = psutil.Process(proc.pid).children()
+        assert len(servers) == 2
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(servers, timeout=10)
+        assert not alive, f"servers left running after SIGTERM: {[p.pid for p in alive]}\n{log.read_text()}"
+        assert not (ws / "ui.json").exists()
+        assert proc.returncode == 128 + signal.SIGTERM
+    finally:
+        for process in [psutil.Process(proc.pid), *servers] if proc.poll() is None else servers:
+            if process.is_running():
+                process.kill()

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ def grid_members(ws: Workspace, grid: str) -> list[GridMember]:
         newest.setdefault(key, (position, run_id, mlflow_id, config))
         runs.setdefault(key, {}).setdefault(run_id, []).append(stage_output(run_id, mlflow_id, *stage))
     members = [GridMember(variant, seed, position, run_id, mlflow_id, config,
-                          current_outputs(list(runs[(variant, seed)].values()), recipe_stages(config)))
+                          current_outputs(list(runs[(variant, seed)].values()), recipe_stages(config),
+                                          lambda out, upstream: rebuilt_since(ws, out, upstream)))
                for (variant, seed), (position, run_id, mlflow_id, config) in newest.items()]
     return current_members(ws, grid, sorted(members, key=lambda m: (m.position, m.variant, m.seed)))
 
@@ -122,10 +124,13 @@ def recipe_stages(config: str | None) -> set[str] | None:
     return stages or None
 
 
-def current_outputs(runs: list[list[StageOutput]], stages: set[str] | None) -> list[StageOutput]:
+def current_outputs(runs: list[list[StageOutput]], stages: set[str] | None,
+                    rebuilt: Callable[[StageOutput, list[StageOutput]], bool] = lambda out, upstream: False,
+                    ) -> list[StageOutput]:
     """Each stage's current output from one (variant, seed)'s finished runs (newest first): what the newest run
     built or reused, the outputs those were made from, then for each other stage of its recipe (`stages`) the
-    newest output made from the ones chosen. An output made from another upstream (stale) is never chosen."""
+    newest output made from the ones chosen. An output made from another upstream (stale), or from one `rebuilt`
+    since, is never chosen."""
     chosen = {out.stage: out for out in runs[0]}
     by_fingerprint: dict[str, StageOutput] = {}
     for out in (out for run in runs for out in run):
@@ -139,11 +144,27 @@ def current_outputs(runs: list[list[StageOutput]], stages: set[str] | None) -> l
                 todo.append(upstream)
     for stage in PIPELINE_ORDER:
         if stage not in chosen and (stages is None or stage in stages):
-            found = next((out for run in runs for out in run
-                          if out.stage == stage and _made_from(out, chosen, by_fingerprint)), None)
+            found = next((out for run in runs for out in run if out.stage == stage
+                          and _made_from(out, chosen, by_fingerprint) and not rebuilt(out, _upstream(out, chosen))),
+                         None)
             if found is not None:
                 chosen[stage] = found
     return [chosen[stage] for stage in PIPELINE_ORDER if stage in chosen]
+
+
+def _upstream(out: StageOutput, chosen: dict[str, StageOutput]) -> list[StageOutput]:
+    return [upstream for upstream in chosen.values() if upstream.fingerprint in out.input_fingerprints]
+
+
+def rebuilt_since(ws: Workspace, out: StageOutput, upstream: list[StageOutput]) -> bool:
+    """An upstream output was rebuilt after `out` was made from it (`--force`: same fingerprint, other bytes), so
+    `out` is not fresh (its `_SUCCESS.json` records other input digests); False when a record is gone."""
+    try:
+        made_from = set(ws.read_success(out.stage, out.fingerprint)["input_digests"].values())
+        now = {ws.read_success(up.stage, up.fingerprint)["output_digest"] for up in upstream}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return not now <= made_from
 
 
 def _made_from(out: StageOutput, chosen: dict[str, StageOutput], recorded: dict[str, StageOutput]) -> bool:

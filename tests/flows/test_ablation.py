@@ -291,3 +291,38 @@ def test_each_stage_is_the_current_output_across_a_variants_runs() -> None:
     curated = [out("ingest", "I1", "r1"), out("curate", "C1", "r1", "I1"), out("shard", "S1", "r1", "C1")]
     raw = [out("ingest", "I1", "r2"), out("shard", "S3", "r2", "I1")]
     assert chosen([raw, curated], {"ingest", "shard"}) == [("ingest", "I1", "r2"), ("shard", "S3", "r2")]
+
+
+def test_a_stage_made_from_an_output_rebuilt_since_is_not_current(tmp_path: Path) -> None:
+    """`--force pretrain --only pretrain` keeps pretrain's fingerprint; if its bytes changed, the variant's earlier
+    evaluate scored the old model: it is not shown (and is named missing), as the pipeline would rebuild it."""
+    from flows.compare import grid_members
+    from storage.catalog import Catalog, utcnow
+
+    ws = Workspace.at(tmp_path / "ws")
+    catalog = Catalog(ws.catalog_path)
+    recipe = json.dumps({"name": "tiny-full", "ingest": {}, "pretrain": {}, "evaluate": {}})
+
+    def success(stage: str, fingerprint: str, digest: str, **inputs: str) -> None:
+        ws.stage_dir(stage, fingerprint).mkdir(parents=True, exist_ok=True)
+        (ws.stage_dir(stage, fingerprint) / "_SUCCESS.json").write_text(json.dumps(
+            {"output_digest": digest, "input_digests": inputs}))
+
+    def record(run_id: str, stages: list[tuple[str, str, dict[str, str]]]) -> None:
+        catalog.start_pipeline(run_id, "tiny-full", 1, recipe, None, None)
+        catalog.record_ablation("tiny", "full", 0, 1337, run_id)
+        for stage, fingerprint, inputs in stages:
+            catalog.record_stage({"run_id": run_id, "stage": stage, "fingerprint": fingerprint, "status": "finished",
+                                  "cached": False, "started_at": utcnow(), "input_fingerprints": json.dumps(inputs),
+                                  "output_dir": str(ws.stage_dir(stage, fingerprint))})
+        catalog.finish_pipeline(run_id, "finished")
+
+    success("ingest", "I1", "i")
+    success("pretrain", "P1", "p-old", documents="i")
+    success("evaluate", "E1", "e", model="p-old")
+    record("r1", [("ingest", "I1", {}), ("pretrain", "P1", {"documents": "I1"}), ("evaluate", "E1", {"model": "P1"})])
+    record("r2", [("pretrain", "P1", {"documents": "I1"})])
+    assert [out.stage for out in grid_members(ws, "tiny")[0].stages] == ["ingest", "pretrain", "evaluate"]
+    success("pretrain", "P1", "p-new", documents="i")           # the rebuild wrote other bytes
+    member = grid_members(ws, "tiny")[0]
+    assert [out.stage for out in member.stages] == ["ingest", "pretrain"] and member.missing == ["evaluate"]

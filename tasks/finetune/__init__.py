@@ -45,6 +45,8 @@ def _installed_summaries_signature(language: str) -> Any:
 # The seed always matters: it draws the head's initial weights, the data order and dropout.
 STAGE = Stage(name="finetune", version=VERSION, config=FinetuneConfig, run=deferred("tasks.finetune.stage:run"),
               reads=("pretrain", "tokenizer"), seed_matters=always, external_inputs=data_file_signatures,
-              headline=("*/accuracy", "*/matthews_corrcoef", "*/pearson", "*/f1", "*/exact"))
+              headline=("*/accuracy", "*/matthews_corrcoef", "*/pearson", "*/f1", "*/exact"),
+              # each task's learning curve holds its steps' timings (tokens/s, MFU): reported, not compared
+              digest_ignores=("*/learning_curve.jsonl",))
 run = STAGE.run
 __all__ = ["STAGE", "VERSION", "FinetuneConfig", "data_file_signatures", "run"]

@@ -1,8 +1,8 @@
 """What each dashboard panel shows, read from the catalog, the stage outputs and their counters.
 
 Every query takes a `Selection` (the pipeline runs being compared: per variant and seed of a grid, each
-stage's current output as `lmforge compare` chooses it (`flows.compare.grid_members`), or the latest
-finished pipeline run) and returns plain rows, so a panel is a
+stage's current output as `lmforge compare` chooses it (`flows.compare.grid_members`), or the same for the
+recipe of the latest finished pipeline run) and returns plain rows, so a panel is a
 function of data the tests can check without a browser. A stage that is not in a run yields no rows:
 the page shows the panel's empty state instead.
 """
@@ -16,17 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.compare import (Cell, GridMember, StageOutput, grid_members, output_stats,
-                           stage_output)
+from flows.compare import (Cell, GridMember, StageOutput, current_outputs, grid_members, output_stats,
+                           rebuilt_since, recipe_stages, stage_output)
 from storage.catalog import Catalog
 from storage.workspace import Workspace
 
 LATEST_RUN = """
-    select recipe_name, run_id, mlflow_run_id, config, recipe_name from pipeline_runs
-    where status = 'finished' order by started_at desc limit 1"""
-STAGE_ROWS = """
-    select stage, fingerprint, cached, wall_s, output_dir, mlflow_run_id, input_fingerprints from stage_runs
-    where status = 'finished' and run_id = ? order by started_at"""
+    select recipe_name, config from pipeline_runs where status = 'finished' order by started_at desc limit 1"""
+# Every finished stage row of a recipe's finished runs, newest run first (as flows.compare.GRID_STAGES).
+RECIPE_STAGES = """
+    select p.run_id, p.mlflow_run_id, p.config,
+           s.stage, s.fingerprint, s.cached, s.wall_s, s.output_dir, s.mlflow_run_id, s.input_fingerprints
+    from pipeline_runs p join stage_runs s using (run_id)
+    where p.recipe_name = ? and p.status = 'finished' and s.status = 'finished'
+    order by p.started_at desc, p.run_id, s.started_at"""
 
 
 class NothingToShowError(LookupError):
@@ -91,7 +94,7 @@ def select(ws: Workspace, grid: str | None) -> Selection:
     if not ws.catalog_path.is_file():
         raise NothingToShowError(f"no catalog at {ws.catalog_path}: run a recipe or a grid first, or pass --workspace")
     catalog = Catalog(ws.catalog_path)
-    members = grid_members(ws, grid) if grid else _latest_run(catalog)
+    members = grid_members(ws, grid) if grid else _latest_recipe(ws, catalog)
     if not members:
         what = f"ablation grid {grid!r}" if grid else "pipeline run"
         raise NothingToShowError(f"no finished {what} in {ws.root}: run `lmforge {'ablate' if grid else 'run'}` first")
@@ -101,13 +104,32 @@ def select(ws: Workspace, grid: str | None) -> Selection:
     return Selection(title, grid, ws, runs)
 
 
-def _latest_run(catalog: Catalog) -> list[GridMember]:
-    """The latest finished pipeline run as a member of its own (its recipe name as the variant)."""
-    members = []
-    for name, run_id, mlflow_id, config, _ in catalog.query(LATEST_RUN)[1]:
-        stages = [stage_output(run_id, mlflow_id, *row) for row in catalog.query(STAGE_ROWS, params=[run_id])[1]]
-        members.append(GridMember(name, int(json.loads(config).get("seed", 0)), 0, run_id, mlflow_id, config, stages))
-    return members
+def _latest_recipe(ws: Workspace, catalog: Catalog) -> list[GridMember]:
+    """The recipe (and seed) of the latest finished pipeline run as a member of its own, each stage its current
+    output across that recipe's runs, as `lmforge compare` chooses them: after `--only evaluate` the page
+    still shows the stages that run reused or left out."""
+    latest = catalog.query(LATEST_RUN)[1]
+    if not latest:
+        return []
+    name, config = latest[0]
+    seed = _seed(config)
+    runs: dict[str, list[StageOutput]] = {}
+    newest: tuple[str, str | None, str] | None = None
+    for run_id, mlflow_id, run_config, *stage in catalog.query(RECIPE_STAGES, params=[name])[1]:
+        if _seed(run_config) != seed:
+            continue
+        newest = newest or (run_id, mlflow_id, run_config)
+        runs.setdefault(run_id, []).append(stage_output(run_id, mlflow_id, *stage))
+    if newest is None:           # the latest run finished without a stage (everything deselected)
+        return []
+    run_id, mlflow_id, run_config = newest
+    stages = current_outputs(list(runs.values()), recipe_stages(run_config),
+                             lambda out, upstream: rebuilt_since(ws, out, upstream))
+    return [GridMember(name, seed, 0, run_id, mlflow_id, run_config, stages)]
+
+
+def _seed(config: str | None) -> int:
+    return int(json.loads(config or "{}").get("seed", 0))
 
 
 def _run_ref(member: GridMember, stats: dict[tuple[str, str], dict[str, float]]) -> RunRef:

@@ -136,6 +136,8 @@ def test_a_partial_rerun_of_one_variant_updates_its_stage_and_keeps_the_others(b
     assert core.values == [evaluate.stats["aggregate/core"], seed2["evaluate"].stats["aggregate/core"]]
     assert core.runs == [after.run_id, grid.runs[3].run_id]
     assert f"finetune from run {before.run_id}; evaluate from run {after.run_id}" in render(table, "table")
+    latest = queries.select(Workspace(ws), None).runs[0]          # `lmforge dashboard`: that recipe, not that run
+    assert latest.stages == after.stages and latest.run_id == after.run_id
 
 
 def test_a_seed_whose_evaluate_is_stale_is_named_under_the_verdict(grid: Selection) -> None:

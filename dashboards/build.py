@@ -74,14 +74,32 @@ def publish(ws: Workspace, grid: str | None, out: Path | None = None) -> Path:
 
 
 def serve(path: Path, port: int) -> None:
-    """Serves the page's folder on 127.0.0.1 until Ctrl-C (the page needs no other file)."""
-    import functools
+    """Serves the page, and nothing else (the page needs no other file), on 127.0.0.1 until Ctrl-C."""
     import http.server
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(path.parent))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+    with http.server.ThreadingHTTPServer(("127.0.0.1", port), _page_handler(path)) as server:
         print(f"serving http://127.0.0.1:{server.server_address[1]}/{path.name} (Ctrl-C stops)", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             pass
+
+
+def _page_handler(path: Path) -> type:
+    """A handler that answers `/` and `/<page name>` with the page and 404 to every other path: the page's folder
+    may be the checkout or the workspace (`--out report.html`), whose files are not for the browser."""
+    import http.server
+
+    class PageOnly(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:           # the name http.server calls
+            if self.path.split("?", 1)[0] not in ("/", f"/{path.name}"):
+                self.send_error(404, "only the dashboard page is served")
+                return
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return PageOnly

@@ -359,6 +359,7 @@ def test_a_run_that_stops_at_pretrain_shows_its_empty_states(built: Workspace, b
 def test_serve_answers_the_page_on_loopback(built: Workspace, tmp_path: Path) -> None:
     import subprocess
     import sys
+    import urllib.error
     import urllib.request
 
     from cliutil import REPO_ROOT
@@ -372,6 +373,13 @@ def test_serve_answers_the_page_on_loopback(built: Workspace, tmp_path: Path) ->
         assert url.startswith("http://127.0.0.1:") and url.endswith("/served.html")
         with urllib.request.urlopen(url, timeout=30) as reply:
             assert reply.read() == page.read_bytes()
+        (tmp_path / "secret.db").write_text("not for the browser")   # the page's folder may be the workspace
+        root = url.rsplit("/", 1)[0]
+        with urllib.request.urlopen(root + "/", timeout=30) as reply:
+            assert reply.read() == page.read_bytes()
+        for other in ("/secret.db", "/../secret.db"):
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(root + other, timeout=30)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -17,7 +17,7 @@ app = typer.Typer(help="lmforge: raw text in, curated data, tokenizers, token sh
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks of stage errors")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="stream every stage's output, and tracebacks of stage errors")]
 WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="workspace directory "
                          "(default: $LMFORGE_WORKSPACE or ./workspace)", show_default=False)]
 

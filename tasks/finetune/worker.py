@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from tasks.finetune.objective import FinetuneObjective, WorkerSpec
-from tasks.training.launch import run_worker
+from tasks.training.launch import exit_worker, run_worker
 from tasks.training.runtime import die_with_parent
 
 
@@ -22,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_worker(main())         # a failure raises before this, with its traceback, as usual

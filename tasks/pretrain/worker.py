@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tasks.pretrain.config import TrainerSpec
 from tasks.pretrain.objectives import make_objective
-from tasks.training.launch import run_worker
+from tasks.training.launch import exit_worker, run_worker
 from tasks.training.runtime import die_with_parent
 
 
@@ -24,4 +24,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_worker(main())         # a failure raises before this, with its traceback, as usual

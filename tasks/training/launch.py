@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 from storage.stage import StageError
 from tasks.training.config import LoopConfig
@@ -117,6 +117,18 @@ def record_failure(run_dir: Path, name: str, rank: int, exc: BaseException) -> N
     entry = {"stage": name, "rank": rank, "time": time.time(), "type": type(exc).__name__, "message": str(exc),
              "traceback": "".join(traceback.format_exception(exc))}
     (errors / f"rank-{rank}.json").write_text(json.dumps(entry, indent=2))
+
+
+def exit_worker(code: int) -> NoReturn:
+    """Ends a torchrun worker process once its work is done and recorded, skipping the interpreter's teardown.
+
+    Tearing down the process group's native threads while the interpreter finalizes can abort a worker
+    (SIGABRT, "terminate called without an active exception"), and torchrun then fails a finished run: seen
+    once, on the FSDP test, after `done.json` was written. Only the entry points call this; a run in the
+    stage's own process (`launcher: inprocess`) returns normally."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_worker(config: LoopConfig, make_objective: Callable[[], Objective]) -> int:

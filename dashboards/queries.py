@@ -16,20 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.compare import (Cell, GridMember, StageOutput, current_outputs, grid_members, output_stats,
-                           rebuilt_since, recipe_stages, stage_output)
+from flows.compare import (RECIPE_STAGES, Cell, GridMember, StageOutput, grid_members, member_from_runs,
+                           output_stats)
 from storage.catalog import Catalog
 from storage.workspace import Workspace
 
 LATEST_RUN = """
     select recipe_name, config from pipeline_runs where status = 'finished' order by started_at desc limit 1"""
-# Every finished stage row of a recipe's finished runs, newest run first (as flows.compare.GRID_STAGES).
-RECIPE_STAGES = """
-    select p.run_id, p.mlflow_run_id, p.config,
-           s.stage, s.fingerprint, s.cached, s.wall_s, s.output_dir, s.mlflow_run_id, s.input_fingerprints
-    from pipeline_runs p join stage_runs s using (run_id)
-    where p.recipe_name = ? and p.status = 'finished' and s.status = 'finished'
-    order by p.started_at desc, p.run_id, s.started_at"""
 
 
 class NothingToShowError(LookupError):
@@ -113,19 +106,9 @@ def _latest_recipe(ws: Workspace, catalog: Catalog) -> list[GridMember]:
         return []
     name, config = latest[0]
     seed = _seed(config)
-    runs: dict[str, list[StageOutput]] = {}
-    newest: tuple[str, str | None, str] | None = None
-    for run_id, mlflow_id, run_config, *stage in catalog.query(RECIPE_STAGES, params=[name])[1]:
-        if _seed(run_config) != seed:
-            continue
-        newest = newest or (run_id, mlflow_id, run_config)
-        runs.setdefault(run_id, []).append(stage_output(run_id, mlflow_id, *stage))
-    if newest is None:           # the latest run finished without a stage (everything deselected)
-        return []
-    run_id, mlflow_id, run_config = newest
-    stages = current_outputs(list(runs.values()), recipe_stages(run_config),
-                             lambda out, upstream: rebuilt_since(ws, out, upstream))
-    return [GridMember(name, seed, 0, run_id, mlflow_id, run_config, stages)]
+    rows = [row for row in catalog.query(RECIPE_STAGES, params=[name])[1] if _seed(row[2]) == seed]
+    # none: the latest run finished without a stage (everything deselected)
+    return [member_from_runs(ws, name, seed, 0, rows)] if rows else []
 
 
 def _seed(config: str | None) -> int:

@@ -22,13 +22,20 @@ from storage.catalog import Catalog
 from storage.workspace import Workspace
 
 FORMATS = ("table", "csv", "json", "markdown")
-# Every finished stage row of the grid's finished pipeline runs, newest run first.
-GRID_STAGES = """
-    select a.variant, a.seed, a.position, p.run_id, p.mlflow_run_id, p.config,
-           s.stage, s.fingerprint, s.cached, s.wall_s, s.output_dir, s.mlflow_run_id, s.input_fingerprints
-    from ablations a join pipeline_runs p using (run_id) join stage_runs s using (run_id)
-    where a.grid = ? and p.status = 'finished' and s.status = 'finished'
+# A finished stage row as `member_from_runs` reads it: its pipeline run (run_id, mlflow_run_id, config), then
+# the stage's columns (`stage_output`); the queries list rows newest run first.
+STAGE_ROW = """p.run_id, p.mlflow_run_id, p.config,
+           s.stage, s.fingerprint, s.cached, s.wall_s, s.output_dir, s.mlflow_run_id, s.input_fingerprints"""
+FINISHED_NEWEST_FIRST = """p.status = 'finished' and s.status = 'finished'
     order by p.started_at desc, p.run_id, s.started_at"""
+GRID_STAGES = f"""
+    select a.variant, a.seed, a.position, {STAGE_ROW}
+    from ablations a join pipeline_runs p using (run_id) join stage_runs s using (run_id)
+    where a.grid = ? and {FINISHED_NEWEST_FIRST}"""
+RECIPE_STAGES = f"""
+    select {STAGE_ROW}
+    from pipeline_runs p join stage_runs s using (run_id)
+    where p.recipe_name = ? and {FINISHED_NEWEST_FIRST}"""
 
 
 MEMBERS_FILE = "grid.json"      # in ablations/<grid>/: the (variant, seed) pairs of the grid as last ablated
@@ -93,18 +100,28 @@ class GridMember:
 
 def grid_members(ws: Workspace, grid: str) -> list[GridMember]:
     """Each (variant, seed) the grid has now, with the output current for each of its stages, in grid order."""
-    newest: dict[tuple[str, int], tuple[Any, ...]] = {}
-    runs: dict[tuple[str, int], dict[str, list[StageOutput]]] = {}
-    for variant, seed, position, run_id, mlflow_id, config, *stage in Catalog(ws.catalog_path).query(
-            GRID_STAGES, params=[grid])[1]:
+    rows: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+    positions: dict[tuple[str, int], int] = {}
+    for variant, seed, position, *row in Catalog(ws.catalog_path).query(GRID_STAGES, params=[grid])[1]:
         key = (variant, int(seed))
-        newest.setdefault(key, (position, run_id, mlflow_id, config))
-        runs.setdefault(key, {}).setdefault(run_id, []).append(stage_output(run_id, mlflow_id, *stage))
-    members = [GridMember(variant, seed, position, run_id, mlflow_id, config,
-                          current_outputs(list(runs[(variant, seed)].values()), recipe_stages(config),
-                                          lambda out, upstream: rebuilt_since(ws, out, upstream)))
-               for (variant, seed), (position, run_id, mlflow_id, config) in newest.items()]
+        positions.setdefault(key, position)              # the newest run's
+        rows.setdefault(key, []).append(tuple(row))
+    members = [member_from_runs(ws, variant, seed, positions[(variant, seed)], member_rows)
+               for (variant, seed), member_rows in rows.items()]
     return current_members(ws, grid, sorted(members, key=lambda m: (m.position, m.variant, m.seed)))
+
+
+def member_from_runs(ws: Workspace, variant: str, seed: int, position: int,
+                     rows: list[tuple[Any, ...]]) -> GridMember:
+    """A (variant, seed) from the finished stage rows (`STAGE_ROW`) of its runs, newest run first: the newest
+    run, and each stage's current output across them (`current_outputs`)."""
+    run_id, mlflow_id, config = rows[0][:3]
+    runs: dict[str, list[StageOutput]] = {}
+    for row_run, row_mlflow, _config, *stage in rows:
+        runs.setdefault(row_run, []).append(stage_output(row_run, row_mlflow, *stage))
+    stages = current_outputs(list(runs.values()), recipe_stages(config),
+                             lambda out, upstream: rebuilt_since(ws, out, upstream))
+    return GridMember(variant, seed, position, run_id, mlflow_id, config, stages)
 
 
 def stage_output(run_id: str, pipeline_mlflow_id: str | None, stage: str, fingerprint: str, cached: bool,
